@@ -1,0 +1,94 @@
+"""Options shared by several commands, declared once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from compressor.data import DATASETS
+from compressor.errors import UserError
+from compressor.finetune import TrainConfig, default_augment
+from compressor.progress import Reporter
+
+Model = Annotated[str, typer.Option("--model", "-m", help="Model directory, or a name: resnet20/32/44/56/110, vgg16_bn_cifar, vit_cifar, any torchvision or timm model (torchvision:NAME / timm:NAME to pick a library).")]
+Checkpoint = Annotated[Optional[Path], typer.Option(help="Weights for a model name: .safetensors, or a state dict loaded with torch.load(weights_only=True).")]
+Pretrained = Annotated[bool, typer.Option("--pretrained", help="Library weights for a model name (downloads; needs a network).")]
+TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow full unpickling of --checkpoint. Runs code from the file: only for files you trust.")]
+ModelArg = Annotated[Optional[list[str]], typer.Option("--model-arg", help="Constructor argument for a model name, key=value (repeatable), e.g. width=8.")]
+InputSize = Annotated[Optional[int], typer.Option(help="Input height/width for a model name (default: the architecture's).")]
+NumClasses = Annotated[Optional[int], typer.Option(help="Classes for a model name built without data (default: the dataset's).")]
+Data = Annotated[Optional[str], typer.Option("--data", "-d", help=f"Dataset: {', '.join(DATASETS)}, or none. Default: the dataset the model was trained on.")]
+DataDir = Annotated[Optional[str], typer.Option(help="Dataset directory (Fashion-MNIST IDX files, CIFAR torchvision layout, ImageFolder).")]
+TrainSize = Annotated[Optional[int], typer.Option(help="Use a class-balanced subset of this many training images.")]
+TestSize = Annotated[Optional[int], typer.Option(help="Use a class-balanced subset of this many test images.")]
+Download = Annotated[bool, typer.Option("--download", help="Download CIFAR where you are online.")]
+CalibSize = Annotated[int, typer.Option(help="Class-balanced calibration images from the training split (taylor, kl, greedy).")]
+Seed = Annotated[int, typer.Option(help="Seed for splits, random choices and training.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+Epochs = Annotated[int, typer.Option(help="Training epochs.")]
+BatchSize = Annotated[int, typer.Option(help="Training batch size.")]
+Optimizer = Annotated[str, typer.Option(help="adam (seed 000) or sgd (seeds 001/002).")]
+Lr = Annotated[Optional[float], typer.Option(help="Learning rate (default 1e-4 for adam, 1e-3 for sgd).")]
+WeightDecay = Annotated[float, typer.Option(help="Weight decay.")]
+Momentum = Annotated[float, typer.Option(help="SGD momentum.")]
+Nesterov = Annotated[bool, typer.Option("--nesterov", help="Nesterov momentum (SGD).")]
+Schedule = Annotated[str, typer.Option("--lr-schedule", help="constant, step (lr/10 at the milestones) or cosine.")]
+Milestones = Annotated[Optional[str], typer.Option(help="Epochs where step decay divides the lr by 10, e.g. 100,150 (default: thirds).")]
+Augment = Annotated[Optional[str], typer.Option(help="Comma list of crop, flip, rotate, or none (default: crop,flip; crop for digits).")]
+BnL1 = Annotated[float, typer.Option("--bn-l1", help="L1 penalty on BatchNorm scales (network slimming) while training.")]
+Distill = Annotated[bool, typer.Option("--distill", help="Distil from the input model (the parent) while fine-tuning.")]
+DistillT = Annotated[float, typer.Option(help="Distillation temperature.")]
+DistillW = Annotated[float, typer.Option(help="Weight of the distillation loss (0-1).")]
+Amp = Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast (CUDA only).")]
+ChannelsLast = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="channels-last convolutions (default on CUDA).")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the training step.")]
+Loader = Annotated[str, typer.Option(help="tensor (in-memory, batched augmentation) or dataloader (per image).")]
+Workers = Annotated[int, typer.Option(help="DataLoader workers (dataloader path and image folders).")]
+
+
+def csv_list(text: str | None, kind=str, what: str = "list") -> list:
+    if text is None:
+        return []
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(kind(part))
+        except ValueError:
+            raise UserError(f"bad value {part!r} in {what}") from None
+    return out
+
+
+def train_config(*, epochs, batch_size, optimizer, lr, weight_decay, momentum, nesterov, schedule, milestones, augment,
+                 bn_l1, distill_temperature, distill_weight, amp, channels_last, compile, loader, workers, seed,
+                 dataset: str, device) -> TrainConfig:
+    if optimizer not in ("adam", "sgd"):
+        raise UserError("--optimizer must be adam or sgd")
+    if augment is None:
+        ops = default_augment(dataset)
+    elif augment.strip().lower() == "none":
+        ops = ()
+    else:
+        ops = tuple(csv_list(augment, str, "--augment"))
+    cuda = str(device) == "cuda"
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr if lr is not None else (1e-4 if optimizer == "adam" else 1e-3),
+        weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, schedule=schedule,
+        milestones=tuple(csv_list(milestones, int, "--milestones")), augment=ops, bn_l1=bn_l1,
+        distill_temperature=distill_temperature, distill_weight=distill_weight, amp=amp and cuda,
+        channels_last=cuda if channels_last is None else channels_last, compile=compile, seed=seed, loader=loader,
+        workers=workers,
+    )
+    cfg.validate()
+    return cfg
+
+
+def reporter(quiet: bool) -> Reporter:
+    return Reporter(enabled=False) if quiet else Reporter()

@@ -1,0 +1,85 @@
+"""compress compare."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from compressor import atomic
+from compressor.compare import CompareConfig, run
+from compressor.errors import UserError
+from compressor.workflows import Source, dataset_for, get_model, parse_model_args, pick_device
+
+from . import common as c
+from .output import emit, out as console_out
+
+
+def compare(
+    model: c.Model,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output directory for the grid, tables and plots.")],
+    metrics: Annotated[str, typer.Option(help="Comma list of metrics.")] = "l1,l2,random,taylor",
+    sparsities: Annotated[str, typer.Option(help="Comma list of sparsities.")] = "0.25,0.5,0.75",
+    finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs per cell (seed 000: 50).")] = 5,
+    scope: Annotated[str, typer.Option(help="ViT: comma list of heads, ffn, embed.")] = "heads,ffn",
+    ffn_metric: Annotated[str, typer.Option(help="ViT: metric for FFN neurons.")] = "l2",
+    global_ranking: Annotated[bool, typer.Option("--global", help="Rank across layers.")] = False,
+    round_to: Annotated[Optional[int], typer.Option(help="Keep channel counts multiples of this.")] = None,
+    profile_backend: Annotated[str, typer.Option(help="Backend for the measured speedup (onnxruntime, torch) or none.")] = "onnxruntime",
+    profile_batch: Annotated[int, typer.Option(help="Batch size for the measured speedup.")] = 1,
+    batch_size: c.BatchSize = 128,
+    optimizer: c.Optimizer = "adam",
+    lr: c.Lr = None,
+    weight_decay: c.WeightDecay = 1e-3,
+    momentum: c.Momentum = 0.9,
+    nesterov: c.Nesterov = False,
+    lr_schedule: c.Schedule = "constant",
+    milestones: c.Milestones = None,
+    augment: c.Augment = None,
+    checkpoint: c.Checkpoint = None,
+    pretrained: c.Pretrained = False,
+    trust_pickle: c.TrustPickle = False,
+    model_arg: c.ModelArg = None,
+    input_size: c.InputSize = None,
+    data: c.Data = None,
+    data_dir: c.DataDir = None,
+    train_size: c.TrainSize = None,
+    test_size: c.TestSize = None,
+    calib_size: c.CalibSize = 3000,
+    seed: c.Seed = 0,
+    device: c.Device = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped grid; finished cells are kept.")] = False,
+    overwrite: c.Overwrite = False,
+    quiet: c.Quiet = False,
+):
+    """Run every metric x sparsity from one parent; write seed-000-style tables (MD/CSV/JSON) and plots."""
+    if out_dir.exists() and not resume and not overwrite:
+        raise UserError(f"output {out_dir} already exists (--resume to continue it, --overwrite to replace it)")
+    if resume and out_dir.exists() and not (out_dir / "compare.json").is_file():
+        raise UserError(f"{out_dir} is not a compare run (no compare.json)")
+    dev = pick_device(device)
+    ds = dataset_for(data, data_dir, train_size, test_size, False)
+    lm = get_model(Source(model, checkpoint, pretrained, trust_pickle, parse_model_args(model_arg), input_size, seed=seed), ds)
+    if ds is None:
+        ds = dataset_for(None, None, None, None, False, lm.record)
+    if ds is None:
+        raise UserError("compare fine-tunes and evaluates: pass --data")
+    tcfg = c.train_config(epochs=finetune_epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                          momentum=momentum, nesterov=nesterov, schedule=lr_schedule, milestones=milestones, augment=augment,
+                          bn_l1=0.0, distill_temperature=4.0, distill_weight=0.5, amp=True, channels_last=None, compile=False,
+                          loader="tensor", workers=0, seed=seed, dataset=ds.spec.name, device=dev)
+    cfg = CompareConfig(metrics=c.csv_list(metrics), sparsities=c.csv_list(sparsities, float, "--sparsities"), train=tcfg,
+                        calib_size=calib_size, seed=seed, scope=tuple(c.csv_list(scope)), ffn_metric=ffn_metric,
+                        global_ranking=global_ranking, round_to=round_to,
+                        profile_backend=None if profile_backend == "none" else profile_backend, profile_batch=profile_batch)
+    if cfg.profile_backend not in (None, "onnxruntime", "torch"):
+        raise UserError("--profile-backend must be onnxruntime, torch or none")
+    cfg.validate()
+    if overwrite and out_dir.exists():
+        shutil.rmtree(out_dir)
+    atomic.check_output_path(out_dir, True)
+    doc = run(lm, ds, cfg, out_dir, resume=resume, device=dev, reporter=c.reporter(quiet))
+    emit((out_dir / "table.md").read_text())
+    console_out.print(f"wrote {out_dir}/table.md, table.csv, table.json, accuracy_vs_flops.png, speedup_vs_flops.png")

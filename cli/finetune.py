@@ -1,0 +1,138 @@
+"""compress finetune."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from compressor import atomic
+from compressor.errors import UserError
+from compressor.modeldir import CHECKPOINT_DIR, SPEC, write_model_files
+from compressor.progress import console
+from compressor.workflows import Source, check_feedable, dataset_for, finetune as run_finetune, get_model, parse_model_args, pick_device
+
+from . import common as c
+from .output import before_after, out
+
+
+def _prepare_out(out_dir: Path, resume: bool, overwrite: bool) -> bool:
+    """Decide what to do with an existing output directory; returns whether a checkpoint will be resumed."""
+    if not out_dir.exists():
+        return False
+    if not out_dir.is_dir():
+        raise UserError(f"output {out_dir} exists and is not a directory")
+    finished = (out_dir / SPEC).is_file()
+    unfinished = (out_dir / CHECKPOINT_DIR).is_dir()
+    if overwrite:
+        return False
+    if resume and finished:
+        raise UserError(f"{out_dir} already holds a finished model; pass --overwrite to train again")
+    if resume and unfinished:
+        return True
+    if unfinished:
+        raise UserError(f"{out_dir} holds an unfinished run: --resume to continue it or --overwrite to start over")
+    if any(out_dir.iterdir()):
+        raise UserError(f"output {out_dir} already exists (pass --overwrite to replace it)")
+    return False
+
+
+def finetune(
+    directory: Annotated[Optional[Path], typer.Argument(help="Model directory to fine-tune (omit and use --model NAME to train a baseline from scratch).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output model directory (also holds per-epoch checkpoints).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model name to train from scratch (or a model directory).")] = None,
+    data: c.Data = None,
+    data_dir: c.DataDir = None,
+    train_size: c.TrainSize = None,
+    test_size: c.TestSize = None,
+    download: c.Download = False,
+    epochs: c.Epochs = 10,
+    batch_size: c.BatchSize = 128,
+    optimizer: c.Optimizer = "adam",
+    lr: c.Lr = None,
+    weight_decay: c.WeightDecay = 1e-3,
+    momentum: c.Momentum = 0.9,
+    nesterov: c.Nesterov = False,
+    lr_schedule: c.Schedule = "constant",
+    milestones: c.Milestones = None,
+    augment: c.Augment = None,
+    bn_l1: c.BnL1 = 0.0,
+    distill: c.Distill = False,
+    distill_temperature: c.DistillT = 4.0,
+    distill_weight: c.DistillW = 0.5,
+    amp: c.Amp = True,
+    channels_last: c.ChannelsLast = None,
+    compile: c.Compile = False,
+    loader: c.Loader = "tensor",
+    workers: c.Workers = 2,
+    checkpoint: c.Checkpoint = None,
+    pretrained: c.Pretrained = False,
+    trust_pickle: c.TrustPickle = False,
+    model_arg: c.ModelArg = None,
+    input_size: c.InputSize = None,
+    num_classes: c.NumClasses = None,
+    seed: c.Seed = 0,
+    device: c.Device = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last complete epoch.")] = False,
+    overwrite: c.Overwrite = False,
+    quiet: c.Quiet = False,
+):
+    """Fine-tune a model directory (or train a model name from scratch), checkpointing every epoch."""
+    if out_dir is None:
+        raise UserError("--out is required")
+    if (directory is None) == (model is None):
+        raise UserError("give either a model DIRECTORY or --model NAME, not both or neither")
+    if distill and directory is None and model is not None and not Path(model).exists():
+        raise UserError("--distill needs a trained parent (a model directory)")
+    resuming = _prepare_out(out_dir, resume, overwrite)
+    atomic.check_output_path(out_dir, True)
+    dev = pick_device(device)
+    src = Source(str(directory or model), checkpoint, pretrained, trust_pickle, parse_model_args(model_arg), input_size, num_classes, seed)
+    ds = dataset_for(data, data_dir, train_size, test_size, download)
+    lm = get_model(src, ds)
+    if ds is None:
+        ds = dataset_for(None, None, None, None, False, lm.record) or dataset_for("digits", None, None, None, False)
+        check_feedable(ds, lm.record.input, lm.record.num_classes, str(directory or model))
+    cfg = c.train_config(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                         momentum=momentum, nesterov=nesterov, schedule=lr_schedule, milestones=milestones, augment=augment,
+                         bn_l1=bn_l1, distill_temperature=distill_temperature, distill_weight=distill_weight, amp=amp,
+                         channels_last=channels_last, compile=compile, loader=loader, workers=workers, seed=seed,
+                         dataset=ds.spec.name, device=dev)
+    if overwrite and out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from compressor.workflows import measure
+
+    before = measure(lm.model, lm.record.input, ds, dev) if directory is not None else None
+    try:
+        model_out, rec, result = run_finetune(lm, ds, cfg, out_dir, resuming, dev, distill, c.reporter(quiet),
+                                              {"model": str(directory or model)})
+    except KeyboardInterrupt:
+        console.print(f"interrupted: completed epochs are checkpointed in {out_dir / CHECKPOINT_DIR}; "
+                      f"re-run the same command with --resume to continue")
+        raise typer.Exit(130)
+    atomic.write_json(out_dir / "history.json", result.history)
+    write_model_files(out_dir, model_out, rec)
+    _print_history(result.history)
+    if before is not None:
+        out.print(before_after("fine-tuning", before, rec.metrics))
+    last = result.history[-1] if result.history else {}
+    out.print(f"{len(result.history)} epochs, {result.wall_s:.1f} s this run"
+              + (f" (resumed after epoch {result.resumed_from})" if result.resumed_from else "")
+              + (f"; {last.get('images_per_s')} images/s, {100 * (last.get('data_wait_share') or 0):.1f}% of the time waiting for data" if last else "")
+              + f"; wrote {out_dir}")
+
+
+def _print_history(history: list[dict]) -> None:
+    if not history:
+        return
+    t = Table(title="epochs", title_justify="left")
+    for col in ("epoch", "lr", "train loss", "top-1", "top-5", "img/s", "data wait"):
+        t.add_column(col, justify="right")
+    for r in history:
+        t.add_row(str(r["epoch"]), f"{r['lr']:.2g}", f"{r['train_loss']:.4f}", f"{r.get('top1', 0):.2f}",
+                  f"{r.get('top5', 0):.2f}", f"{r['images_per_s']}", f"{100 * (r['data_wait_share'] or 0):.1f}%")
+    out.print(t)

@@ -1,0 +1,81 @@
+"""Entry point: one Typer app; every failure becomes one line on stderr with a meaningful exit code.
+
+Exit codes: 0 success; 1 a CI gate failed or an internal error; 2 bad input (nothing written);
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import typer
+
+from compressor.errors import GateFailed, UserError
+
+app = typer.Typer(
+    name="compress", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Prune, fine-tune, export and profile vision models; prove the speedup on the machine you deploy on.",
+)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
+    """Prune, fine-tune, export and profile vision models; prove the speedup on the machine you deploy on."""
+
+
+def _register() -> None:
+    from . import compare, demo, export, finetune, info, package, profile, prune
+
+    app.command("demo")(demo.demo)
+    app.command("prune")(prune.prune)
+    app.command("finetune")(finetune.finetune)
+    app.command("export")(export.export)
+    app.command("profile")(profile.profile)
+    app.command("compare")(compare.compare)
+    app.command("package")(package.package)
+    app.command("info")(info.info)
+
+
+_register()
+
+
+def _err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    saved_argv = sys.argv
+    sys.argv = ["compress", *args]  # run records quote the command that made them
+    try:
+        rv = app(args=args, prog_name="compress", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except (typer.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return 130
+    except typer.TyperException as e:  # usage errors (Typer vendors click; its exceptions derive from this)
+        msg = e.format_message() if hasattr(e, "format_message") else str(e)
+        _err(msg.replace("\n", " "))
+        return 2
+    except UserError as e:
+        if debug:
+            traceback.print_exc()
+        _err(str(e).replace("\n", " "))
+        return 2
+    except GateFailed as e:
+        print(f"gate failed: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # anything else is our bug: one line unless --debug
+        if debug:
+            traceback.print_exc()
+        else:
+            _err(f"internal error ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); rerun with --debug for the traceback")
+        return 1
+    finally:
+        sys.argv = saved_argv
+
+
+def main() -> None:
+    sys.exit(run())

@@ -1,0 +1,91 @@
+"""compress profile."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from compressor import atomic
+from compressor.errors import GateFailed, UserError
+from profilers import gates as gates_mod, report
+from profilers.session import Settings, run
+from profilers.targets import reference, resolve
+
+from . import common as c
+from .output import emit
+
+
+def profile(
+    targets: Annotated[list[str], typer.Argument(help="Model directories, .onnx files, .engine files, or a compare run directory.")],
+    baseline: Annotated[Optional[str], typer.Option(help="The parent to measure speedups against (a compare run uses its parent).")] = None,
+    backend: Annotated[str, typer.Option(help="Comma list of torch, onnxruntime, tensorrt.")] = "onnxruntime",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    batch_sizes: Annotated[str, typer.Option(help="Comma list of batch sizes.")] = "1,32",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (emulate a smaller CPU).")] = None,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds per target (the speedup's sample size).")] = 10,
+    warmup: Annotated[int, typer.Option(help="Warm-up iterations before the first round.")] = 10,
+    min_iters: Annotated[int, typer.Option(help="Minimum timed iterations per round.")] = 20,
+    min_time: Annotated[float, typer.Option(help="Minimum seconds per round.")] = 0.3,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result document (schema in README).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write JSON, Markdown, CSV and PNG plots here.")] = None,
+    energy: Annotated[bool, typer.Option("--energy/--no-energy", help="Measure energy where a counter exists.")] = True,
+    energy_window: Annotated[float, typer.Option(help="Seconds of inference per energy window.")] = 5.0,
+    idle_window: Annotated[float, typer.Option(help="Seconds of idle baseline before each energy window.")] = 2.0,
+    energy_estimate: Annotated[Optional[float], typer.Option(help="Labelled estimate from this power in watts (TDP) where no counter exists.")] = None,
+    include_transfers: Annotated[bool, typer.Option("--include-transfers", help="GPU: time host-device copies too.")] = False,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="torch on CUDA: replay a captured CUDA graph.")] = False,
+    ort_provider: Annotated[Optional[str], typer.Option(help="onnxruntime: cpu, cuda or tensorrt execution provider (default: --device).")] = None,
+    breakdown: Annotated[bool, typer.Option("--breakdown", help="Top operators by time for each target.")] = False,
+    reference_models: Annotated[Optional[list[str]], typer.Option("--reference", help="Stock model name to add to the table (repeatable).")] = None,
+    assert_speedup: Annotated[Optional[float], typer.Option(help="Fail unless every child is at least this much faster.")] = None,
+    assert_realised: Annotated[Optional[float], typer.Option(help="Fail unless speedup / FLOPs speedup reaches this.")] = None,
+    max_latency_ms: Annotated[Optional[float], typer.Option(help="Fail if any target's p50 latency exceeds this.")] = None,
+    against: Annotated[Optional[Path], typer.Option(help="A previous profile JSON: fail on latency regressions.")] = None,
+    tolerance: Annotated[str, typer.Option(help="Allowed regression against --against, e.g. 10%.")] = "10%",
+    overwrite: c.Overwrite = False,
+    quiet: c.Quiet = False,
+):
+    """Measure latency, throughput, memory and energy; show the FLOPs reduction next to the speedup it bought."""
+    settings = Settings(backends=tuple(c.csv_list(backend)), device=device, batch_sizes=tuple(c.csv_list(batch_sizes, int, "--batch-sizes")),
+                        threads=threads, rounds=rounds, warmup=warmup, min_iters=min_iters, min_time_s=min_time, energy=energy,
+                        energy_window_s=energy_window, idle_s=idle_window, energy_estimate_w=energy_estimate,
+                        include_transfers=include_transfers, cuda_graphs=cuda_graphs, ort_provider=ort_provider, breakdown=breakdown)
+    settings.validate()
+    g = gates_mod.Gates(assert_speedup, assert_realised, max_latency_ms, against, gates_mod.parse_tolerance(tolerance))
+    if against is not None and not against.is_file():
+        raise UserError(f"--against {against} does not exist")
+    for p in (json_out, out_dir):
+        if p is not None:
+            atomic.check_output_path(p, overwrite)
+    if (assert_speedup is not None or assert_realised is not None) and baseline is None and not any(
+            (Path(t) / "compare.json").is_file() for t in targets):
+        raise UserError("--assert-speedup/--assert-realised need --baseline (or a compare run)")
+    resolved = []
+    base = None
+    for t in targets:
+        found = resolve(t)
+        if (Path(t) / "compare.json").is_file() and baseline is None:
+            base = found[0]
+        resolved += found
+    if baseline is not None:
+        base = resolve(baseline)[0]
+        resolved = [t for t in resolved if t.path is None or base.path is None or t.path.resolve() != base.path.resolve()]
+    for name in reference_models or []:
+        like = base or resolved[0]
+        resolved.append(reference(name, like))
+    doc = run(resolved, base, settings, c.reporter(quiet))
+    failures = gates_mod.check(doc, g) if g.active() else []
+    doc["gates"] = [{"failure": f} for f in failures]
+    md = report.markdown(doc)
+    if json_out is not None:
+        atomic.write_json(json_out, doc)
+    if out_dir is not None:
+        report.write_all(doc, out_dir)
+    emit(md)
+    gates_mod.step_summary(md, failures, g.active())
+    if failures:
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise GateFailed(failures[0] + more)

@@ -1,0 +1,144 @@
+"""compress prune."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from compressor import atomic
+from compressor.errors import UserError
+from compressor.importance import METRICS
+from compressor.joint import AutoConfig, run as run_auto
+from compressor.layers import LAYER_METRICS
+from compressor.modeldir import save_model_dir, write_model_files
+from compressor.pruning import WidthConfig, validate
+from compressor.workflows import Source, dataset_for, get_model, layer_prune, parse_model_args, pick_device, width_prune
+
+from . import common as c
+from .output import before_after, out
+
+
+def prune(
+    model: c.Model,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output model directory.")],
+    structure: Annotated[str, typer.Option(help="width: channels (CNN) / heads+FFN (ViT); layers: whole residual blocks; auto: seed 002's layer-or-filter loop by CKA.")] = "width",
+    metric: Annotated[Optional[str], typer.Option(help=f"Importance: {', '.join(METRICS)} (default l2); layers: {', '.join(LAYER_METRICS)}; auto: kl or l1 (default kl, as seed 002).")] = None,
+    sparsity: Annotated[float, typer.Option(help="Fraction of channels / heads / FFN neurons removed in every layer, 0 <= S < 1.")] = 0.5,
+    scope: Annotated[str, typer.Option(help="ViT: comma list of heads, ffn, embed.")] = "heads,ffn",
+    ffn_metric: Annotated[str, typer.Option(help="ViT: metric for FFN neurons (seed 000 uses l2).")] = "l2",
+    global_ranking: Annotated[bool, typer.Option("--global", help="Rank across layers instead of a uniform ratio per layer.")] = False,
+    round_to: Annotated[Optional[int], typer.Option(help="Keep channel counts multiples of this (e.g. 8).")] = None,
+    greedy_step: Annotated[int, typer.Option(help="output-norm-greedy: removals between re-evaluations in residual-coupled groups (1 = exact).")] = 1,
+    num_blocks: Annotated[Optional[str], typer.Option(help="layers: blocks to remove, or 'max'.")] = None,
+    min_blocks_per_stage: Annotated[int, typer.Option(help="layers/auto: blocks every stage keeps.")] = 2,
+    iterations: Annotated[int, typer.Option(help="auto: iterations.")] = 10,
+    target_flops_reduction: Annotated[Optional[float], typer.Option(help="auto: stop at this FLOPs reduction (0-1).")] = None,
+    min_accuracy: Annotated[Optional[float], typer.Option(help="auto: stop when held-out top-1 (%) falls below this.")] = None,
+    candidate_epochs: Annotated[int, typer.Option(help="auto: fine-tuning epochs for each candidate before CKA.")] = 10,
+    epochs_per_iteration: Annotated[int, typer.Option(help="auto: further epochs for the chosen candidate.")] = 10,
+    similarity: Annotated[str, typer.Option(help="auto: cka, or random (the seed's random walk).")] = "cka",
+    only: Annotated[Optional[str], typer.Option(help="auto: layers or filters only (baselines with the same budget).")] = None,
+    layer_bias: Annotated[float, typer.Option(help="auto: epsilon added to the layer candidate's CKA.")] = 0.0,
+    holdout: Annotated[float, typer.Option(help="auto: fraction of the training split held out for CKA and the accuracy floor.")] = 0.1,
+    optimizer: Annotated[str, typer.Option(help="auto: optimizer (seed 002: sgd).")] = "sgd",
+    lr: Annotated[float, typer.Option(help="auto: learning rate (seed 002: 0.01).")] = 0.01,
+    weight_decay: Annotated[float, typer.Option(help="auto: weight decay.")] = 5e-4,
+    batch_size: Annotated[int, typer.Option(help="auto: training batch size.")] = 128,
+    augment: c.Augment = None,
+    checkpoint: c.Checkpoint = None,
+    pretrained: c.Pretrained = False,
+    trust_pickle: c.TrustPickle = False,
+    model_arg: c.ModelArg = None,
+    input_size: c.InputSize = None,
+    num_classes: c.NumClasses = None,
+    data: c.Data = None,
+    data_dir: c.DataDir = None,
+    train_size: c.TrainSize = None,
+    test_size: c.TestSize = None,
+    download: c.Download = False,
+    calib_size: c.CalibSize = 3000,
+    seed: c.Seed = 0,
+    device: c.Device = "auto",
+    overwrite: c.Overwrite = False,
+    quiet: c.Quiet = False,
+):
+    """Remove structures from a model and write a physically smaller model directory."""
+    atomic.check_output_path(out_dir, overwrite)
+    if structure not in ("width", "layers", "auto"):
+        raise UserError("--structure must be width, layers or auto")
+    if calib_size < 1:
+        raise UserError("--calib-size must be >= 1")
+    if min_blocks_per_stage < 1:
+        raise UserError("--min-blocks-per-stage must be >= 1")
+    if metric is None:
+        metric = "l2" if structure == "width" else "kl"
+    dev = pick_device(device)
+    rep = c.reporter(quiet)
+    src = Source(model, checkpoint, pretrained, trust_pickle, parse_model_args(model_arg), input_size, num_classes, seed)
+    ds = dataset_for(data, data_dir, train_size, test_size, download, None)
+    lm = get_model(src, ds)
+    if ds is None and data is None:
+        ds = dataset_for(None, None, None, None, False, lm.record)
+    settings = {"model": model, "data": None if ds is None else ds.spec.name}
+
+    if structure == "width":
+        cfg = WidthConfig(metric=metric, sparsity=sparsity, scope=tuple(c.csv_list(scope)), ffn_metric=ffn_metric,
+                          global_ranking=global_ranking, round_to=round_to, seed=seed, greedy_step=greedy_step)
+        validate(cfg)
+        pruned, rec, summary = width_prune(lm, ds, cfg, calib_size, dev, rep, settings)
+        save_model_dir(out_dir, pruned, rec)
+        out.print(before_after(f"{structure} pruning, {metric}, sparsity {sparsity}", summary["before"], summary["after"]))
+        if summary["heads"]:
+            first = next(iter(summary["heads"].values()))
+            out.print(f"attention heads per block: {first[0]} -> {first[1]}")
+        out.print(f"{len(summary['layers'])} layers changed width; pruning took {summary['prune_s']} s; wrote {out_dir}")
+        return
+    if structure == "layers":
+        if metric not in LAYER_METRICS:
+            raise UserError(f"--structure layers takes --metric {', '.join(LAYER_METRICS)}")
+        n = None if num_blocks in (None, "max") else _int(num_blocks, "--num-blocks")
+        if num_blocks is None:
+            raise UserError("--structure layers needs --num-blocks N (or max)")
+        pruned, rec, summary = layer_prune(lm, ds, metric, n, min_blocks_per_stage, calib_size, seed, dev, rep, settings)
+        save_model_dir(out_dir, pruned, rec)
+        out.print(before_after(f"layer pruning, {metric}", summary["before"], summary["after"]))
+        out.print(f"removed blocks: {', '.join(summary['removed_blocks'])}; wrote {out_dir}")
+        return
+    # auto: seed 002
+    if ds is None:
+        raise UserError("--structure auto fine-tunes candidates: it needs --data")
+    acfg = AutoConfig(iterations=iterations, target_flops_reduction=target_flops_reduction, min_accuracy=min_accuracy,
+                      candidate_epochs=candidate_epochs, epochs_per_iteration=epochs_per_iteration, similarity=similarity,
+                      only=only, layer_bias=layer_bias, metric=metric, min_blocks_per_stage=min_blocks_per_stage,
+                      holdout=holdout, calib_size=min(calib_size, 3000), seed=seed)
+    acfg.validate()
+    tcfg = c.train_config(epochs=1, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                          momentum=0.9, nesterov=optimizer == "sgd", schedule="constant", milestones=None, augment=augment,
+                          bn_l1=0.0, distill_temperature=4.0, distill_weight=0.5, amp=True, channels_last=None,
+                          compile=False, loader="tensor", workers=0, seed=seed, dataset=ds.spec.name, device=dev)
+    from compressor.layers import find_blocks
+    from compressor.models import is_vit
+
+    if is_vit(lm.model):  # seed 002's filter candidate is defined on residual conv blocks
+        raise UserError("--structure auto chooses between residual conv blocks and their filters (ResNets); "
+                        "for a ViT use --structure layers or width")
+    find_blocks(lm.model)  # fail now, not after the first fine-tune, for models without residual stages
+    with atomic.staged_dir(out_dir) as tmp:
+        log = run_auto(lm, ds, acfg, tcfg, tmp, device=dev, reporter=rep, settings=settings)
+        if log["final"] is None:
+            why = log["stopped"] if not log["iterations"] else f"no iteration stayed above the accuracy floor ({log['stopped']})"
+            raise UserError(f"{why}; nothing written")
+        from compressor.modeldir import load_model_dir
+
+        best = load_model_dir(tmp / log["final"])
+        write_model_files(tmp, best.model, best.record)
+    out.print(f"path {log['path']}; stopped: {log['stopped']}; final = {log['final']}; wrote {out_dir} (log: auto_log.md)")
+
+
+def _int(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"{flag} must be an integer or max") from None

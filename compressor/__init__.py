@@ -1,0 +1,3 @@
+"""compress: structured pruning, fine-tuning and deployment-focused measurement of vision models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,224 @@
+"""`compress compare`: every metric x sparsity from one parent, in the form of seed 000's Tables 3 and 5.
+
+Each finished cell writes cell.json; a re-run with --resume skips finished cells and continues an
+interrupted fine-tune from its last epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import atomic
+from .data import Dataset
+from .errors import UserError
+from .finetune import TrainConfig
+from .modeldir import LoadedModel, load_model_dir, save_model_dir, write_model_files
+from .progress import QUIET, Reporter
+from .pruning import WidthConfig, validate
+from .workflows import finetune, width_prune
+
+
+@dataclass
+class CompareConfig:
+    metrics: list[str]
+    sparsities: list[float]
+    train: TrainConfig
+    calib_size: int = 3000
+    seed: int = 0
+    scope: tuple[str, ...] = ("heads", "ffn")
+    ffn_metric: str = "l2"
+    global_ranking: bool = False
+    round_to: int | None = None
+    profile_backend: str | None = "onnxruntime"
+    profile_batch: int = 1
+    profile_rounds: int = 7
+
+    def width(self, metric: str, sparsity: float) -> WidthConfig:
+        return WidthConfig(metric=metric, sparsity=sparsity, scope=self.scope, ffn_metric=self.ffn_metric,
+                           global_ranking=self.global_ranking, round_to=self.round_to, seed=self.seed)
+
+    def to_json(self) -> dict:
+        return {"metrics": self.metrics, "sparsities": self.sparsities, "train": self.train.to_json(),
+                "calib_size": self.calib_size, "seed": self.seed, "scope": list(self.scope), "ffn_metric": self.ffn_metric,
+                "global": self.global_ranking, "round_to": self.round_to, "profile_backend": self.profile_backend,
+                "profile_batch": self.profile_batch, "profile_rounds": self.profile_rounds}
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def validate(self) -> None:
+        if not self.metrics or not self.sparsities:
+            raise UserError("--metrics and --sparsities must not be empty")
+        for m in self.metrics:
+            for s in self.sparsities:
+                validate(self.width(m, s))
+        self.train.validate()
+
+
+def cell_name(metric: str, sparsity: float) -> str:
+    return f"{metric}_s{round(100 * sparsity):02d}"
+
+
+def _speedup(parent: LoadedModel, child: LoadedModel, cfg: CompareConfig) -> dict | None:
+    if cfg.profile_backend is None:
+        return None
+    from profilers.session import Settings, run
+    from profilers.targets import _from_loaded
+
+    s = Settings(backends=(cfg.profile_backend,), batch_sizes=(cfg.profile_batch,), rounds=cfg.profile_rounds,
+                 warmup=5, min_iters=10, min_time_s=0.2, energy=False)
+    base, tgt = _from_loaded("parent", parent), _from_loaded("child", child)
+    doc = run([tgt], base, s)
+    row = next(r for r in doc["results"] if r["target"] == "child")
+    sp = row["speedup"]
+    return {"backend": cfg.profile_backend, "batch": cfg.profile_batch, "median": sp["median"], "ci_low": sp["ci_low"],
+            "ci_high": sp["ci_high"], "significant": sp["significant"], "p50_ms": row["latency_ms"]["p50"],
+            "parent_p50_ms": next(r for r in doc["results"] if r["target"] == "parent")["latency_ms"]["p50"]}
+
+
+def run(lm: LoadedModel, ds: Dataset, cfg: CompareConfig, out: Path, *, resume: bool, device="cpu",
+        reporter: Reporter = QUIET) -> dict:
+    cfg.validate()
+    spec_path = out / "compare.json"
+    if resume and spec_path.is_file():
+        doc = json.loads(spec_path.read_text())
+        if doc.get("fingerprint") != cfg.fingerprint():
+            raise UserError(f"{out} was started with different settings; use the same flags to resume, or --overwrite")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        save_model_dir(out / "parent", lm.model, lm.record)
+        doc = {"fingerprint": cfg.fingerprint(), "settings": cfg.to_json(), "parent": str((out / "parent").resolve()),
+               "dataset": ds.spec.to_json(), "cells": []}
+        atomic.write_json(spec_path, doc)
+    parent = load_model_dir(out / "parent")
+    cells = {c["name"]: c for c in doc.get("cells", [])}
+    grid = [(m, s) for s in cfg.sparsities for m in cfg.metrics]
+    with reporter.task("compare grid", len(grid)) as advance:
+        for metric, sparsity in grid:
+            name = cell_name(metric, sparsity)
+            cdir = out / "cells" / name
+            if name in cells and (cdir / "cell.json").is_file():
+                advance()
+                continue
+            reporter.log(f"cell {name}: prune")
+            child, rec, summary = width_prune(parent, ds, cfg.width(metric, sparsity), cfg.calib_size, device, reporter,
+                                              {"compare": str(out)})
+            pruned = LoadedModel(child, rec, None)
+            pruned.path = parent.path  # lineage: the fine-tune's parent is the compare parent
+            cdir.mkdir(parents=True, exist_ok=True)
+            model, frec, result = finetune(pruned, ds, copy.deepcopy(cfg.train), cdir, True, device, reporter=reporter,
+                                           settings={"compare": str(out), "cell": name})
+            write_model_files(cdir, model, frec)
+            child_lm = load_model_dir(cdir)
+            speed = _speedup(parent, child_lm, cfg)
+            b, a = summary["before"], summary["after"]
+            cell = {"name": name, "dir": f"cells/{name}", "metric": metric, "sparsity": sparsity,
+                    "params": a["params"], "macs": a["macs"], "parent_params": b["params"], "parent_macs": b["macs"],
+                    "flops_reduction": 1 - a["macs"] / b["macs"], "parent_top1": b.get("top1"), "parent_top5": b.get("top5"),
+                    "top1_before_ft": a.get("top1"), "top5_before_ft": a.get("top5"),
+                    "top1_after_ft": frec.metrics.get("top1"), "top5_after_ft": frec.metrics.get("top5"),
+                    "finetune_s": round(result.wall_s, 2), "finetune_epochs": len(result.history),
+                    "images_per_s": result.history[-1]["images_per_s"] if result.history else None, "speedup": speed}
+            atomic.write_json(cdir / "cell.json", cell)
+            cells[name] = cell
+            doc["cells"] = [cells[cell_name(m, s)] for m, s in grid if cell_name(m, s) in cells]
+            atomic.write_json(spec_path, doc)
+            advance()
+    doc["cells"] = [cells[cell_name(m, s)] for m, s in grid]
+    atomic.write_json(spec_path, doc)
+    write_tables(doc, out)
+    return doc
+
+
+HEADER = ["metric", "sparsity", "params", "MACs", "FLOPs red.", "top-1 before FT", "top-5 before FT", "top-1 after FT",
+          "top-5 after FT", "FT time (s)", "speedup"]
+
+
+def _row(c: dict) -> list[str]:
+    sp = c.get("speedup")
+    speed = "-" if not sp else f"{sp['median']:.2f}x [{sp['ci_low']:.2f}, {sp['ci_high']:.2f}]" + ("" if sp["significant"] else " n.s.")
+    f = lambda v: "-" if v is None else f"{v:.2f}"
+    return [c["metric"], f"{100 * c['sparsity']:.0f}%", f"{c['params']:,}", f"{c['macs']:,}", f"{100 * c['flops_reduction']:.1f}%",
+            f(c["top1_before_ft"]), f(c["top5_before_ft"]), f(c["top1_after_ft"]), f(c["top5_after_ft"]), f"{c['finetune_s']:.1f}", speed]
+
+
+def markdown(doc: dict) -> str:
+    cells = doc["cells"]
+    p = cells[0] if cells else {}
+    sp = (cells[0].get("speedup") or {}) if cells else {}
+    lines = [f"Parent: {p.get('parent_params', 0):,} params, {p.get('parent_macs', 0):,} MACs, top-1 {p.get('parent_top1')}, "
+             f"top-5 {p.get('parent_top5')} ({doc['dataset']['name']} test split). Fine-tuning: {doc['settings']['train']['epochs']} epochs, "
+             f"{doc['settings']['train']['optimizer']} lr {doc['settings']['train']['lr']}."
+             + (f" Speedup: {sp.get('backend')} batch {sp.get('batch')}, median of interleaved rounds [95% CI]." if sp else ""), "",
+             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(_row(c)) + " |" for c in cells]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(doc: dict, out: Path) -> None:
+    atomic.write_text(out / "table.md", markdown(doc))
+    buf = io.StringIO()
+    keys = ["metric", "sparsity", "params", "macs", "flops_reduction", "top1_before_ft", "top5_before_ft", "top1_after_ft",
+            "top5_after_ft", "finetune_s", "speedup", "speedup_ci_low", "speedup_ci_high"]
+    w = csv.writer(buf)
+    w.writerow(keys)
+    for c in doc["cells"]:
+        sp = c.get("speedup") or {}
+        w.writerow([c["metric"], c["sparsity"], c["params"], c["macs"], round(c["flops_reduction"], 5), c["top1_before_ft"],
+                    c["top5_before_ft"], c["top1_after_ft"], c["top5_after_ft"], c["finetune_s"], sp.get("median"),
+                    sp.get("ci_low"), sp.get("ci_high")])
+    atomic.write_text(out / "table.csv", buf.getvalue())
+    atomic.write_json(out / "table.json", doc["cells"])
+    _plots(doc, out)
+
+
+def _plots(doc: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = doc["cells"]
+    metrics = list(dict.fromkeys(c["metric"] for c in cells))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for m in metrics:
+        sel = sorted([c for c in cells if c["metric"] == m], key=lambda c: c["macs"])
+        line, = ax.plot([c["macs"] / 1e6 for c in sel], [c["top1_after_ft"] for c in sel], "o-", label=f"{m} after FT")
+        ax.plot([c["macs"] / 1e6 for c in sel], [c["top1_before_ft"] for c in sel], "x--", color=line.get_color(), alpha=0.6,
+                label=f"{m} before FT")
+    if cells and cells[0].get("parent_top1") is not None:
+        ax.plot([cells[0]["parent_macs"] / 1e6], [cells[0]["parent_top1"]], "k*", ms=12, label="parent")
+    ax.set_xlabel("MACs (millions)")
+    ax.set_ylabel("top-1 (%)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic.temp_path_for(out / "accuracy_vs_flops.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    pts = [c for c in cells if c.get("speedup")]
+    if pts:
+        xs = [100 * c["flops_reduction"] for c in pts]
+        ideal_x = sorted(set(xs))
+        ax.plot(ideal_x, [1 / (1 - x / 100) for x in ideal_x], "k--", lw=1, label="ideal (1 / (1 - reduction))")
+        for m in metrics:
+            sel = [c for c in pts if c["metric"] == m]
+            ax.errorbar([100 * c["flops_reduction"] for c in sel], [c["speedup"]["median"] for c in sel],
+                        yerr=[[c["speedup"]["median"] - c["speedup"]["ci_low"] for c in sel],
+                              [c["speedup"]["ci_high"] - c["speedup"]["median"] for c in sel]], fmt="o", capsize=3, label=m)
+        ax.legend(fontsize=7)
+    ax.set_xlabel("FLOPs reduction (%)")
+    ax.set_ylabel("measured speedup")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic.temp_path_for(out / "speedup_vs_flops.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close("all")

@@ -1,0 +1,197 @@
+"""Importance metrics for channels, FFN neurons and attention heads.
+
+l1/l2/taylor/random/bn-scale are torch-pruning's own importance classes, configured so the score of a
+structure is the sum over every conv/linear weight removed with it (for a head: its Q, K, V rows and its
+output-projection columns; for an FFN neuron: its fc1 row and fc2 column; for a CNN channel: its filters
+and the next layers' input slices). kl and output-norm-greedy need forward passes over calibration data,
+so they are computed here and handed to torch-pruning through its Importance interface.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch_pruning as tp
+
+from .data import Batches, ImageSet, InputSpec
+from .errors import UserError
+from .progress import QUIET, Reporter
+from .structures import GroupInfo, Masks, execution_order, group_key
+
+METRICS = ("l1", "l2", "random", "taylor", "bn-scale", "output-norm-greedy", "kl")
+DATA_METRICS = {"taylor", "kl", "output-norm-greedy"}
+_WEIGHTED = [nn.modules.conv._ConvNd, nn.Linear]
+
+
+def library_importance(metric: str, global_ranking: bool) -> tp.importance.Importance | None:
+    """torch-pruning's class for metrics it implements exactly; None for the ones computed here."""
+    # Per-group normalisation only matters when ranks are compared across groups (global ranking).
+    norm = "mean" if global_ranking else None
+    if metric in ("l1", "l2"):
+        return tp.importance.GroupMagnitudeImportance(p=1 if metric == "l1" else 2, group_reduction="sum",
+                                                      normalizer=norm, target_types=_WEIGHTED)
+    if metric == "taylor":
+        return tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=norm, target_types=_WEIGHTED)
+    if metric == "random":
+        return tp.importance.RandomImportance()
+    if metric == "bn-scale":
+        return tp.importance.BNScaleImportance(group_reduction="sum", normalizer=norm)
+    return None
+
+
+class ScoreTable(tp.importance.Importance):
+    """Precomputed per-index scores, looked up by the group's root (torch-pruning's Importance API)."""
+
+    def __init__(self, scores: dict[tuple[int, str], torch.Tensor]):
+        self.scores = scores
+
+    def __call__(self, group):
+        return self.scores.get(group_key(group))
+
+
+class ByKind(tp.importance.Importance):
+    """Route each group to the metric for its kind (ViT: heads vs FFN neurons vs embedding channels)."""
+
+    def __init__(self, kinds: dict[tuple[int, str], str], by_kind: dict[str, tp.importance.Importance]):
+        self.kinds, self.by_kind = kinds, by_kind
+
+    def __call__(self, group):
+        kind = self.kinds.get(group_key(group))
+        imp = self.by_kind.get(kind)
+        return None if imp is None else imp(group)
+
+
+# ----------------------------------------------------------------------------- data-driven metrics
+def _batches(calib: ImageSet, spec: InputSpec, batch_size: int, device) -> Batches:
+    return Batches(calib, spec, batch_size, device=device)
+
+
+def accumulate_gradients(model: nn.Module, calib: ImageSet, spec: InputSpec, batch_size: int, device,
+                         reporter: Reporter = QUIET) -> None:
+    """dL/dw summed over the calibration set (mean loss per image), for the Taylor metric."""
+    model.eval()  # BatchNorm uses its running statistics; nothing is updated
+    model.zero_grad(set_to_none=True)
+    n = len(calib)
+    batches = _batches(calib, spec, batch_size, device)
+    with reporter.task("taylor: gradients", len(batches)) as advance:
+        for x, y in batches:
+            loss = F.cross_entropy(model(x), y, reduction="sum") / n
+            loss.backward()
+            advance()
+
+
+@torch.no_grad()
+def _logprobs(model: nn.Module, batches: Batches) -> list[torch.Tensor]:
+    return [F.log_softmax(model(x).float(), dim=1) for x, _ in batches]
+
+
+@torch.no_grad()
+def _kl(model: nn.Module, batches: Batches, base: list[torch.Tensor]) -> float:
+    total, n = 0.0, 0
+    for (x, _), lp in zip(batches, base):
+        lq = F.log_softmax(model(x).float(), dim=1)
+        total += float(F.kl_div(lq, lp, log_target=True, reduction="sum"))
+        n += x.shape[0]
+    return total / max(n, 1)
+
+
+def kl_scores(model: nn.Module, infos: list[GroupInfo], calib: ImageSet, spec: InputSpec, batch_size: int,
+              device, reporter: Reporter = QUIET) -> dict[tuple[int, str], torch.Tensor]:
+    """KL(parent || parent without the unit) on the calibration set, per unit (Luo & Wu 2020).
+
+    Computed from logits (log-softmax once); seed 002's release applies softmax twice, we do not.
+    """
+    model.eval()
+    batches = _batches(calib, spec, batch_size, device)
+    base = _logprobs(model, batches)
+    out = {}
+    total = sum(i.n_units for i in infos)
+    with reporter.task("kl: scoring structures", total) as advance, Masks() as masks:
+        for info in infos:
+            scores = torch.zeros(info.n_units)
+            for u in range(info.n_units):
+                masks.set(info, info.unit_dims(u), 0.0)
+                scores[u] = _kl(model, batches, base)
+                masks.set(info, info.unit_dims(u), 1.0)
+                advance()
+            out[info.key] = scores.repeat_interleave(info.unit_size)
+    return out
+
+
+class _Enough(Exception):
+    """Raised from a hook once every consumer of a group has been seen: the rest of the forward is moot."""
+
+
+@torch.no_grad()
+def _output_energy(model: nn.Module, info: GroupInfo, batches: Batches) -> torch.Tensor:
+    """Sum of squares, per root index, of what the group's consumers receive (the structure's output)."""
+    energy = torch.zeros(info.n_dims, dtype=torch.float64)
+    pending: set[int] = set()
+
+    def hook(mod, args):
+        x = args[0].detach().float()
+        dim = 1 if isinstance(mod, nn.modules.conv._ConvNd) else x.dim() - 1
+        per = x.transpose(0, dim).reshape(x.shape[dim], -1).pow(2).sum(1).double().cpu()
+        for c in info.consumers:
+            if c.module is mod:
+                energy.index_add_(0, c.root, per[c.local])
+        pending.discard(id(mod))
+        if not pending:
+            raise _Enough
+
+    handles = [c.module.register_forward_pre_hook(hook) for c in {id(c.module): c for c in info.consumers}.values()]
+    try:
+        for x, _ in batches:
+            pending.update(id(c.module) for c in info.consumers)
+            try:
+                model(x)
+            except _Enough:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return energy
+
+
+def greedy_output_norm_scores(model: nn.Module, infos: list[GroupInfo], calib: ImageSet, spec: InputSpec,
+                              batch_size: int, device, step: int = 1,
+                              reporter: Reporter = QUIET) -> dict[tuple[int, str], torch.Tensor]:
+    """Seed 001's greedy criterion: repeatedly remove the unit whose output has the lowest norm on the
+    calibration set, recomputing after each removal, with every earlier removal in place.
+
+    Groups are processed upstream first. In a group with a single producing layer, removing one unit does
+    not change the others' outputs, so its whole quota is taken from one evaluation (the same set that
+    one-at-a-time removal reaches). Residual-coupled groups are re-evaluated every `step` removals.
+    """
+    model.eval()
+    batches = _batches(calib, spec, batch_size, device)
+    x0 = next(iter(batches))[0][:1]
+    ordered = execution_order(model, [i for i in infos if i.n_remove > 0], x0)
+    passes = sum(1 if i.independent else -(-i.n_remove // max(1, step)) for i in ordered)
+    out = {}
+    with reporter.task("output-norm-greedy: forward passes", passes) as advance, Masks() as masks:
+        for info in ordered:
+            removed: list[int] = []
+            norms = None
+            while len(removed) < info.n_remove:
+                energy = _output_energy(model, info, batches)
+                norms = energy.view(info.n_units, info.unit_size).sum(1).sqrt()
+                left = [u for u in torch.argsort(norms).tolist() if u not in removed]
+                k = info.n_remove - len(removed) if info.independent else min(max(1, step), info.n_remove - len(removed))
+                for u in left[:k]:
+                    removed.append(u)
+                    masks.set(info, info.unit_dims(u), 0.0)
+                advance()
+            # Removed units score by removal order (lowest first); kept units rank above all of them.
+            score = torch.empty(info.n_units, dtype=torch.float64)
+            kept = [u for u in torch.argsort(norms).tolist() if u not in removed] if norms is not None else []
+            for rank, u in enumerate(removed + kept):
+                score[u] = rank
+            out[info.key] = score.float().repeat_interleave(info.unit_size)
+    return out
+
+
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise UserError(f"unknown metric '{metric}' (choose from {', '.join(METRICS)})")

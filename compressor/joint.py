@@ -1,0 +1,253 @@
+"""Seed 002: at each iteration remove either a residual block or an equal number of filters, whichever
+candidate stays closer to its parent by linear CKA after a short fine-tune.
+
+Differences from the authors' release, on purpose: candidates are compared on a held-out split of the
+training data (the release used the test set), and KL is computed from logits (the release applied
+softmax twice).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from . import atomic, importance as imp
+from .data import Dataset, ImageSet, InputSpec
+from .data.splits import balanced_subset
+from .errors import UserError
+from .evaluate import evaluate
+from .finetune import TrainConfig, train
+from .layers import choose_blocks, conv_channels, find_blocks, removable, score_blocks
+from .modeldir import LoadedModel, ModelRecord, remove_blocks, run_info, save_model_dir
+from .progress import QUIET, Reporter
+from .similarity import linear_cka, penultimate
+from .structures import group_info
+from profilers.flops import count
+
+SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+@dataclass
+class AutoConfig:
+    iterations: int = 10
+    target_flops_reduction: float | None = None  # fraction, e.g. 0.75
+    min_accuracy: float | None = None  # held-out top-1 floor, percent
+    candidate_epochs: int = 10
+    epochs_per_iteration: int = 10
+    similarity: str = "cka"  # "cka" | "random" (the seed's random walk)
+    only: str | None = None  # "layers" | "filters": single-structure baselines with the same budget
+    layer_bias: float = 0.0  # the seed's epsilon preference for layers
+    metric: str = "kl"  # criterion for blocks and filters: "kl" | "l1"
+    min_blocks_per_stage: int = 2
+    holdout: float = 0.1
+    calib_size: int = 500
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.iterations < 1:
+            raise UserError("--iterations must be >= 1")
+        if self.similarity not in ("cka", "random"):
+            raise UserError("--similarity must be cka or random")
+        if self.only not in (None, "layers", "filters"):
+            raise UserError("--only must be layers or filters")
+        if self.metric not in ("kl", "l1"):
+            raise UserError("--structure auto ranks blocks and filters with --metric kl or l1")
+        if self.target_flops_reduction is not None and not (0 < self.target_flops_reduction < 1):
+            raise UserError("--target-flops-reduction must be in (0, 1)")
+        if not (0 < self.holdout < 0.5):
+            raise UserError("--holdout must be in (0, 0.5)")
+        if self.min_blocks_per_stage < 1:
+            raise UserError("--min-blocks-per-stage must be >= 1")
+        if self.candidate_epochs < 0 or self.epochs_per_iteration < 0:
+            raise UserError("epoch counts must be >= 0")
+
+
+def decision_path(decisions: list[str]) -> str:
+    """['L','F','F','L','L','L'] -> 'L, F², L³' (the seed's notation)."""
+    runs: list[list] = []
+    for d in decisions:
+        if runs and runs[-1][0] == d:
+            runs[-1][1] += 1
+        else:
+            runs.append([d, 1])
+    return ", ".join(d if n == 1 else d + str(n).translate(SUPERSCRIPT) for d, n in runs)
+
+
+def _first_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    out = []
+    for b in find_blocks(model):
+        conv = getattr(model.get_submodule(b.path), "conv1", None)
+        if isinstance(conv, nn.Conv2d):
+            out.append((f"{b.path}.conv1", conv))
+    return out
+
+
+def allocate(widths: list[int], count: int, rng: random.Random) -> list[int]:
+    """Filters to take from each conv: a proportional share, then one at a time from random convs;
+    every conv keeps at least one filter."""
+    total = sum(widths)
+    share = [min(count * w // total, w - 1) for w in widths]
+    left = count - sum(share)
+    while left > 0:
+        open_ = [i for i, w in enumerate(widths) if share[i] < w - 1]
+        if not open_:
+            break
+        share[rng.choice(open_)] += 1
+        left -= 1
+    return share
+
+
+def filter_candidate(parent: nn.Module, spec: InputSpec, count: int, metric: str, calib: ImageSet, seed: int,
+                     device, reporter: Reporter = QUIET) -> tuple[nn.Module, dict[str, int]] | None:
+    """A copy of `parent` without `count` filters taken from the first conv of every residual block."""
+    model = copy.deepcopy(parent).eval()
+    convs = _first_convs(model)
+    if not convs or sum(c.out_channels - 1 for _, c in convs) < count:
+        return None
+    example = torch.zeros(1, spec.channels, spec.height, spec.width, device=next(model.parameters()).device)
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    infos = [group_info(dg.get_pruning_group(c, tp.prune_conv_out_channels, list(range(c.out_channels))), name)
+             for name, c in convs]
+    if metric == "kl":
+        for i in infos:
+            i.n_remove = 1
+        table = imp.kl_scores(model, infos, calib, spec, 128, device, reporter)
+        scores = [table[i.key] for i in infos]
+    else:
+        scores = [c.weight.detach().abs().flatten(1).sum(1).cpu() for _, c in convs]
+    share = allocate([c.out_channels for _, c in convs], count, random.Random(seed))
+    removed = {}
+    for (name, conv), s, k in zip(convs, scores, share):
+        if k:
+            idxs = torch.argsort(s)[:k].tolist()
+            dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs).prune()
+            removed[name] = k
+    return model, removed
+
+
+def run(loaded: LoadedModel, ds: Dataset, cfg: AutoConfig, train_cfg: TrainConfig, out_dir: Path, *,
+        device="cpu", reporter: Reporter = QUIET, settings: dict | None = None) -> dict:
+    """Run the loop, saving every iteration under out_dir/iterations; returns the log."""
+    cfg.validate()
+    spec = loaded.record.input
+    shape = (spec.channels, spec.height, spec.width)
+    train_set, held = ds.holdout(cfg.holdout, cfg.seed)
+    calib = train_set.subset(balanced_subset(train_set.labels, cfg.calib_size, cfg.seed))
+    parent = copy.deepcopy(loaded.model).to(device).eval()
+    record = loaded.record
+    root = count(parent, shape, device)
+    rng = random.Random(cfg.seed)
+    base_held = evaluate(parent, held, spec, 256, device)
+    base_test = evaluate(parent, ds.test, spec, 256, device)
+    log = {"settings": {**asdict(cfg), "train": train_cfg.to_json()}, "parent": str(loaded.path) if loaded.path else None,
+           "root": {**root, "holdout_top1": base_held["top1"], "test_top1": base_test["top1"], "test_top5": base_test["top5"]},
+           "iterations": [], "stopped": None}
+    decisions: list[str] = []
+    best_dir = None
+    removed_blocks = list(record.removed_blocks)
+    for k in range(1, cfg.iterations + 1):
+        t0 = time.perf_counter()
+        blocks = removable(parent, cfg.min_blocks_per_stage)
+        if not blocks:
+            log["stopped"] = "nothing left to remove"
+            break
+        scores = score_blocks(parent, blocks, cfg.metric, calib, spec, 128, device, cfg.seed + k, reporter)
+        block = choose_blocks(parent, scores, 1, cfg.min_blocks_per_stage)[0]
+        budget = conv_channels(parent.get_submodule(block))
+        cands: dict[str, nn.Module] = {}
+        filt_removed: dict[str, int] = {}
+        if cfg.only != "filters":
+            lc = copy.deepcopy(parent)
+            remove_blocks(lc, [block])
+            cands["L"] = lc
+        if cfg.only != "layers":
+            fc = filter_candidate(parent, spec, budget, cfg.metric, calib, cfg.seed + k, device, reporter)
+            if fc is not None:
+                cands["F"], filt_removed = fc
+        if not cands:
+            log["stopped"] = "no candidate can be built"
+            break
+        ref_feats = penultimate(parent, held, spec, 256, device)
+        cka = {}
+        for name, model in cands.items():
+            tc = TrainConfig(**{**asdict(train_cfg), "epochs": cfg.candidate_epochs, "seed": train_cfg.seed + k})
+            train(model, train_set, None, spec, tc, device=device, reporter=reporter, label=f"iter {k}: candidate {name}")
+            cka[name] = linear_cka(ref_feats, penultimate(model, held, spec, 256, device))
+        if len(cands) == 1:
+            choice = next(iter(cands))
+        elif cfg.similarity == "random":
+            choice = "L" if rng.random() < 0.5 else "F"
+        else:
+            choice = "L" if cka["L"] + cfg.layer_bias >= cka["F"] else "F"  # ties go to layers
+        winner = cands[choice]
+        tw = TrainConfig(**{**asdict(train_cfg), "epochs": cfg.epochs_per_iteration, "seed": train_cfg.seed + 1000 + k})
+        train(winner, train_set, None, spec, tw, device=device, reporter=reporter, label=f"iter {k}: fine-tune {choice}")
+        decisions.append(choice)
+        if choice == "L":
+            removed_blocks.append(block)
+        stats = count(winner, shape, device)
+        ev_held = evaluate(winner, held, spec, 256, device)
+        ev_test = evaluate(winner, ds.test, spec, 256, device)
+        row = {
+            "iteration": k, "decision": choice, "block": block if choice == "L" else None,
+            "filters_removed": budget if choice == "F" else 0, "filter_allocation": filt_removed if choice == "F" else {},
+            "cka_layer": cka.get("L"), "cka_filter": cka.get("F"), "params": stats["params"], "macs": stats["macs"],
+            "flops_reduction": round(1 - stats["macs"] / root["macs"], 5), "holdout_top1": ev_held["top1"],
+            "test_top1": ev_test["top1"], "test_top5": ev_test["top5"], "wall_s": round(time.perf_counter() - t0, 2),
+        }
+        rec = record.child()
+        rec.removed_blocks = list(removed_blocks)
+        rec.metrics = {"params": stats["params"], "macs": stats["macs"], "top1": ev_test["top1"], "top5": ev_test["top5"],
+                       "eval_split": "test", "eval_dataset": ds.spec.name, "holdout_top1": ev_held["top1"]}
+        rec.lineage.append(run_info("prune-auto", {**(settings or {}), "iteration": k, "decision": choice,
+                                                   "path": decision_path(decisions)},
+                                    str(loaded.path) if loaded.path else None, rec.metrics, cfg.seed))
+        it_dir = out_dir / "iterations" / f"iter_{k:02d}"
+        save_model_dir(it_dir, winner, rec)
+        row["dir"] = str(it_dir.relative_to(out_dir))
+        log["iterations"].append(row)
+        reporter.log(f"iteration {k}: {choice}  CKA L={_fmt(cka.get('L'))} F={_fmt(cka.get('F'))}  "
+                     f"FLOPs -{100 * row['flops_reduction']:.1f}%  held-out top-1 {ev_held['top1']:.2f}  "
+                     f"path {decision_path(decisions)}")
+        atomic.write_json(out_dir / "auto_log.json", {**log, "path": decision_path(decisions)})
+        parent = winner
+        if cfg.min_accuracy is not None and ev_held["top1"] < cfg.min_accuracy:
+            row["below_floor"] = True
+            log["stopped"] = f"held-out top-1 {ev_held['top1']:.2f} fell below {cfg.min_accuracy}"
+            break
+        best_dir = it_dir
+        if cfg.target_flops_reduction is not None and row["flops_reduction"] >= cfg.target_flops_reduction:
+            log["stopped"] = f"reached {100 * row['flops_reduction']:.2f}% FLOPs reduction"
+            break
+    else:
+        log["stopped"] = f"ran {cfg.iterations} iterations"
+    log["path"] = decision_path(decisions)
+    log["final"] = None if best_dir is None else str(best_dir.relative_to(out_dir))
+    atomic.write_json(out_dir / "auto_log.json", log)
+    atomic.write_text(out_dir / "auto_log.md", render_log(log))
+    return log
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def render_log(log: dict) -> str:
+    r = log["root"]
+    lines = [f"# Layer/filter pruning by CKA — path {log['path'] or '(none)'}", "",
+             f"Parent: {r['params']:,} params, {r['macs']:,} MACs, held-out top-1 {r['holdout_top1']:.2f}, "
+             f"test top-1 {r['test_top1']:.2f}. Stopped: {log['stopped']}.", "",
+             "| iter | choice | CKA layer | CKA filter | params | MACs | FLOPs red. | held-out top-1 | test top-1 | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in log["iterations"]:
+        lines.append(f"| {row['iteration']} | {row['decision']}{' (' + row['block'] + ')' if row['block'] else ''} | "
+                     f"{_fmt(row['cka_layer'])} | {_fmt(row['cka_filter'])} | {row['params']:,} | {row['macs']:,} | "
+                     f"{100 * row['flops_reduction']:.2f}% | {row['holdout_top1']:.2f} | {row['test_top1']:.2f} | {row['wall_s']} |")
+    return "\n".join(lines) + "\n"

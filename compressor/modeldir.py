@@ -1,0 +1,274 @@
+"""The model directory: `model.safetensors` + `model.json`, the unit every command reads and writes.
+
+model.json records how to rebuild the architecture and every module whose shape pruning changed, so
+loading never unpickles anything: build the architecture, reshape the changed modules, load tensors.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import __version__, atomic
+from .data import DataSpec, InputSpec
+from .errors import UserError
+from .models import ArchSpec, build
+
+FORMAT = "compress-model/1"
+WEIGHTS = "model.safetensors"
+SPEC = "model.json"
+CHECKPOINT_DIR = "checkpoints"
+# Constructor-level attributes that pruning changes and forward() reads.
+TRACKED_ATTRS = (
+    "in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
+    "normalized_shape", "num_heads", "head_dim", "attn_dim", "scale", "embed_dim",
+)
+
+
+@dataclass
+class ModelRecord:
+    arch: ArchSpec
+    num_classes: int
+    input: InputSpec
+    labels: list[str]
+    dataset: DataSpec | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    lineage: list[dict[str, Any]] = field(default_factory=list)
+    changed_modules: dict[str, dict] = field(default_factory=dict)
+    removed_blocks: list[str] = field(default_factory=list)
+    weights: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "arch": self.arch.to_json(),
+            "num_classes": self.num_classes,
+            "input": self.input.to_json(),
+            "labels": self.labels,
+            "dataset": None if self.dataset is None else self.dataset.to_json(),
+            "metrics": self.metrics,
+            "removed_blocks": self.removed_blocks,
+            "changed_modules": self.changed_modules,
+            "weights": self.weights,
+            "lineage": self.lineage,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict, where: str = SPEC) -> "ModelRecord":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise UserError(f"{where} is not a compress model record (format {d.get('format') if isinstance(d, dict) else '?'})")
+        try:
+            return cls(
+                arch=ArchSpec.from_json(d["arch"]),
+                num_classes=int(d["num_classes"]),
+                input=InputSpec.from_json(d["input"]),
+                labels=list(d.get("labels") or []),
+                dataset=None if not d.get("dataset") else DataSpec.from_json(d["dataset"]),
+                metrics=dict(d.get("metrics") or {}),
+                lineage=list(d.get("lineage") or []),
+                changed_modules=dict(d.get("changed_modules") or {}),
+                removed_blocks=list(d.get("removed_blocks") or []),
+                weights=dict(d.get("weights") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{where} is malformed: missing or bad field {e}") from None
+
+    def child(self) -> "ModelRecord":
+        """A copy for a derived model (metrics are re-measured, lineage extended)."""
+        return ModelRecord(self.arch, self.num_classes, self.input, list(self.labels), self.dataset,
+                           dict(self.metrics), [dict(e) for e in self.lineage], {}, list(self.removed_blocks), {})
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    record: ModelRecord
+    path: Path | None = None
+
+
+# ----------------------------------------------------------------------------- structure diff
+def _module_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
+    out = {k: v for k, v in m.named_parameters(recurse=False) if v is not None}
+    out.update({k: v for k, v in m.named_buffers(recurse=False) if v is not None})
+    return out
+
+
+def _json_attr(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def structure_diff(model: nn.Module, reference: nn.Module) -> dict[str, dict]:
+    """Modules of `model` whose tracked attributes or tensor shapes differ from `reference`."""
+    ref = dict(reference.named_modules())
+    changed = {}
+    for name, m in model.named_modules():
+        r = ref.get(name)
+        if r is None:
+            continue
+        attrs = {}
+        for a in TRACKED_ATTRS:
+            if hasattr(m, a) and hasattr(r, a) and getattr(m, a) != getattr(r, a):
+                v = getattr(m, a)
+                if isinstance(v, (int, float, tuple, list)):
+                    attrs[a] = _json_attr(v)
+        rt = _module_tensors(r)
+        tensors = {k: list(v.shape) for k, v in _module_tensors(m).items() if k in rt and rt[k].shape != v.shape}
+        if attrs or tensors:
+            changed[name] = {"type": type(m).__name__, "attrs": attrs, "tensors": tensors}
+    return changed
+
+
+def remove_blocks(model: nn.Module, paths: list[str]) -> None:
+    """Replace the named blocks with identities (a removed residual block computes nothing)."""
+    for path in paths:
+        parent_name, _, child = path.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+            parent.get_submodule(child)
+        except AttributeError:
+            raise UserError(f"cannot remove block '{path}': no such module") from None
+        setattr(parent, child, nn.Identity())
+
+
+def apply_structure(model: nn.Module, changed: dict[str, dict]) -> None:
+    """Reshape a freshly built model to the recorded pruned shapes (values are loaded afterwards)."""
+    modules = dict(model.named_modules())
+    for name, ch in changed.items():
+        m = modules.get(name)
+        if m is None:
+            raise UserError(f"model.json names module '{name}', which the architecture does not have")
+        for a, v in ch.get("attrs", {}).items():
+            if a not in TRACKED_ATTRS:
+                raise UserError(f"model.json sets unknown attribute '{a}' on {name}")
+            setattr(m, a, tuple(v) if isinstance(v, list) else v)
+        own = _module_tensors(m)
+        for t, shape in ch.get("tensors", {}).items():
+            if t not in own:
+                raise UserError(f"model.json reshapes '{name}.{t}', which does not exist")
+            new = torch.empty(*[int(s) for s in shape], dtype=own[t].dtype)
+            if isinstance(own[t], nn.Parameter):
+                setattr(m, t, nn.Parameter(new, requires_grad=own[t].requires_grad))
+            else:
+                m.register_buffer(t, new)
+
+
+# ----------------------------------------------------------------------------- save / load
+def run_info(stage: str, settings: dict, parent: str | None, metrics: dict, seed: int | None = None) -> dict:
+    """One lineage entry: what made this model, from what, how, and what it measured."""
+    import numpy
+    import onnx
+    import timm
+    import torch_pruning
+
+    return {
+        "stage": stage,
+        "parent": parent,
+        "settings": settings,
+        "metrics": metrics,
+        "seed": seed,
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "versions": {
+            "compress": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "timm": timm.__version__, "torch_pruning": getattr(torch_pruning, "__version__", "?"),
+            "onnx": onnx.__version__, "numpy": numpy.__version__,
+        },
+        "host": platform.node(),
+    }
+
+
+def write_model_files(directory: str | os.PathLike, model: nn.Module, record: ModelRecord) -> ModelRecord:
+    """Write weights then model.json (last, so a complete model.json means a complete directory)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fresh = build(record.arch, record.num_classes)
+    remove_blocks(fresh, record.removed_blocks)
+    record.changed_modules = structure_diff(model, fresh)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic.temp_path_for(directory / WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT})
+        digest, size = atomic.sha256_file(tmp), tmp.stat().st_size
+    record.weights = {"file": WEIGHTS, "sha256": digest, "bytes": size, "dtype": str(next(iter(state.values())).dtype).replace("torch.", "")}
+    atomic.write_json(directory / SPEC, record.to_json())
+    return record
+
+
+def save_model_dir(path: str | os.PathLike, model: nn.Module, record: ModelRecord) -> ModelRecord:
+    """Write a complete model directory at `path` atomically (replacing any previous one)."""
+    with atomic.staged_dir(path) as tmp:
+        rec = write_model_files(tmp, model, record)
+    return rec
+
+
+def read_record(path: str | os.PathLike) -> ModelRecord:
+    path = Path(path)
+    spec = path / SPEC
+    if not path.is_dir():
+        raise UserError(f"{path} is not a directory")
+    if not spec.is_file():
+        if (path / CHECKPOINT_DIR).is_dir():
+            raise UserError(f"{path} is an unfinished fine-tuning run (no model.json yet); continue it with --resume")
+        raise UserError(f"{path} is not a model directory (no model.json)")
+    try:
+        d = json.loads(spec.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{spec} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except OSError as e:
+        raise UserError(f"cannot read {spec}: {e.strerror}") from None
+    return ModelRecord.from_json(d, str(spec))
+
+
+def load_weights_file(path: Path, expected_sha: str | None = None) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise UserError(f"missing weights file {path}")
+    if expected_sha is not None:
+        got = atomic.sha256_file(path)
+        if got != expected_sha:
+            raise UserError(f"{path} does not match the SHA-256 recorded in model.json (modified or truncated)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path} is not a readable safetensors file: {str(e).splitlines()[0][:160]}") from None
+
+
+def load_model_dir(path: str | os.PathLike) -> LoadedModel:
+    path = Path(path)
+    record = read_record(path)
+    model = build(record.arch, record.num_classes)
+    remove_blocks(model, record.removed_blocks)
+    apply_structure(model, record.changed_modules)
+    state = load_weights_file(path / WEIGHTS, record.weights.get("sha256"))
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    if missing or extra:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise UserError(f"{path / WEIGHTS} does not fit the architecture in model.json: {what}")
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise UserError(
+                f"{path / WEIGHTS} disagrees with model.json: {k} has shape {tuple(state[k].shape)}, "
+                f"model.json implies {tuple(v.shape)}"
+            )
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return LoadedModel(model, record, path)
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and ((p / SPEC).exists() or (p / CHECKPOINT_DIR).exists())

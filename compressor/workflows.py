@@ -1,0 +1,271 @@
+"""The steps every command shares: get a model, prune it, fine-tune it, record what happened.
+
+Each returns the model and its new ModelRecord (metrics measured, lineage extended); callers decide
+where the directory goes.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from profilers.flops import count
+
+from .data import DataSpec, Dataset, InputSpec, load_dataset
+from .errors import UserError
+from .evaluate import evaluate
+from .finetune import TrainConfig, TrainResult, train
+from .layers import choose_blocks, removable, score_blocks
+from .modeldir import LoadedModel, ModelRecord, load_model_dir, remove_blocks, run_info
+from .models import ArchSpec, build, default_input, pretrained_normalisation, resolve
+from .progress import QUIET, Reporter
+from .pruning import WidthConfig, check_runs, prune_width
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
+    if name not in ("cpu", "cuda"):
+        raise UserError("--device must be cpu, cuda or auto")
+    return torch.device(name)
+
+
+def load_state_file(path: Path, trust_pickle: bool) -> dict:
+    """User weights: safetensors, or a state dict via torch.load(weights_only=True); full unpickling only
+    with --trust-pickle (it runs code from the file)."""
+    import pickle
+
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from .modeldir import load_weights_file
+
+        return load_weights_file(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        blocked = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), None)
+        if blocked is None:
+            raise UserError(f"cannot read checkpoint {path}: not a torch checkpoint") from None
+        what = blocked.split("GLOBAL", 1)[-1].split(" was not", 1)[0].strip()
+        raise UserError(f"{path} holds Python objects ({what}), not just tensors; refused without --trust-pickle "
+                        "(which executes code from the file)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:160]}") from None
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model", "net"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path} is not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_into(model: nn.Module, state: dict, path: Path) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    if missing or extra:
+        raise UserError(f"{path} does not match the architecture: "
+                        + (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"))
+    bad = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
+    if bad:
+        k = bad[0]
+        raise UserError(f"{path}: {k} has shape {tuple(state[k].shape)}, the model expects {tuple(own[k].shape)} "
+                        "(different number of classes or a pruned model? pruned models load from their directory)")
+    model.load_state_dict(state)
+
+
+@dataclass
+class Source:
+    """Where a command's input model comes from."""
+
+    model: str
+    checkpoint: Path | None = None
+    pretrained: bool = False
+    trust_pickle: bool = False
+    model_args: dict | None = None
+    input_size: int | None = None
+    num_classes: int | None = None
+    seed: int = 0  # fixes the random initialisation of a model built by name
+
+
+def parse_model_args(items: list[str]) -> dict:
+    import json
+
+    out = {}
+    for it in items or []:
+        k, sep, v = it.partition("=")
+        if not sep or not k:
+            raise UserError(f"--model-arg expects key=value, got {it!r}")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def get_model(src: Source, ds: Dataset | None) -> LoadedModel:
+    """A model directory as saved, or a fresh/pretrained/checkpointed architecture by name."""
+    p = Path(src.model)
+    if p.exists():
+        if src.checkpoint or src.pretrained or src.model_args or src.input_size:
+            raise UserError("--checkpoint/--pretrained/--model-arg/--input-size apply to a model name, not a model directory")
+        lm = load_model_dir(p)
+        if ds is not None:
+            check_feedable(ds, lm.record.input, lm.record.num_classes, str(p))
+        return lm
+    if "/" in src.model or src.model.startswith("."):
+        raise UserError(f"model directory {src.model} does not exist")
+    source, name = resolve(src.model)
+    kwargs = dict(src.model_args or {})
+    if src.input_size is not None:
+        if src.input_size < 8:
+            raise UserError("--input-size must be at least 8")
+        if source == "timm" or (source == "compress" and name == "vit_cifar"):
+            kwargs["img_size"] = src.input_size
+    classes = src.num_classes or (ds.num_classes if ds is not None else (10 if source == "compress" else 1000))
+    if ds is not None and classes != ds.num_classes:
+        raise UserError(f"--num-classes {classes} but dataset {ds.spec.name} has {ds.num_classes} classes")
+    if name == "vgg16_bn_cifar" and src.input_size is not None and src.input_size % 32:
+        raise UserError("vgg16_bn_cifar has five 2x2 poolings: --input-size must be a multiple of 32")
+    arch = ArchSpec(source, name, kwargs)
+    torch.manual_seed(src.seed)
+    model = build(arch, classes, pretrained=src.pretrained)
+    c, h, w = default_input(arch, model)
+    if src.input_size is not None:
+        h = w = src.input_size
+    if src.pretrained:
+        mean, std = pretrained_normalisation(arch, model)
+        spec = InputSpec(c, h, w, tuple(mean), tuple(std))
+    elif ds is not None:
+        spec = ds.input_spec(c, h, w)
+    else:
+        spec = InputSpec(c, h, w, (0.5,) * c, (0.25,) * c)
+    if src.checkpoint is not None:
+        load_into(model, load_state_file(src.checkpoint, src.trust_pickle), src.checkpoint)
+    check_runs(model, spec, "as built")
+    if ds is not None:
+        check_feedable(ds, spec, classes, src.model)
+    labels = ds.classes if ds is not None else [str(i) for i in range(classes)]
+    rec = ModelRecord(arch, classes, spec, labels, ds.spec if ds is not None else None)
+    origin = "pretrained" if src.pretrained else ("checkpoint" if src.checkpoint else "random init")
+    rec.lineage.append(run_info("create", {"model": src.model, "origin": origin,
+                                           "checkpoint": str(src.checkpoint) if src.checkpoint else None},
+                                None, {}, None))
+    model.eval()
+    return LoadedModel(model, rec, None)
+
+
+def check_feedable(ds: Dataset, spec: InputSpec, classes: int, what: str) -> None:
+    """The data must fit the model: same classes, and channels we can map (grey->N, RGB->grey)."""
+    if ds.num_classes != classes:
+        raise UserError(f"{what} has {classes} classes but dataset {ds.spec.name} has {ds.num_classes}")
+    if ds.channels != spec.channels and ds.channels != 1 and not (ds.channels == 3 and spec.channels == 1):
+        raise UserError(f"{ds.spec.name} has {ds.channels}-channel images; {what} takes {spec.channels} channels")
+
+
+def dataset_for(name: str | None, data_dir: str | None, train_size, test_size, download: bool,
+                record: ModelRecord | None = None, fake_shape=None, fake_classes: int = 10) -> Dataset | None:
+    """--data if given, else the dataset the model was trained on (if known)."""
+    if name is None or name == "none":
+        if name is None and record is not None and record.dataset is not None:
+            spec = record.dataset
+            return load_dataset(DataSpec(spec.name, spec.data_dir, spec.train_size, spec.test_size), fake_shape=fake_shape,
+                                fake_classes=fake_classes)
+        return None
+    return load_dataset(DataSpec(name, data_dir, train_size, test_size, download), fake_shape=fake_shape,
+                        fake_classes=fake_classes)
+
+
+def measure(model: nn.Module, spec: InputSpec, ds: Dataset | None, device) -> dict:
+    stats = count(model, (spec.channels, spec.height, spec.width), device)
+    out = {"params": stats["params"], "macs": stats["macs"], "flops_all": stats["flops_all"]}
+    if ds is not None:
+        ev = evaluate(model, ds.test, spec, 256, device)
+        out.update({"top1": ev["top1"], "top5": ev["top5"], "eval_split": "test", "eval_images": ev["n"],
+                    "eval_dataset": ds.spec.name})
+    return out
+
+
+def width_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, calib_size: int, device,
+                reporter: Reporter = QUIET, settings: dict | None = None) -> tuple[nn.Module, ModelRecord, dict]:
+    spec = lm.record.input
+    model = copy.deepcopy(lm.model).to(device).eval()
+    before = measure(model, spec, ds, device)
+    calib = ds.calibration(calib_size, cfg.seed) if ds is not None else None
+    t0 = time.perf_counter()
+    report = prune_width(model, spec, cfg, calib, device, reporter)
+    prune_s = time.perf_counter() - t0
+    after = measure(model, spec, ds, device)
+    rec = lm.record.child()
+    rec.metrics = after
+    summary = {"before": before, "after": after, "prune_s": round(prune_s, 2), "layers": report.layers,
+               "heads": report.heads, "calib_images": None if calib is None else len(calib)}
+    rec.lineage.append(run_info("prune", {**(settings or {}), **cfg.to_json(), "structure": "width",
+                                          "calib_size": summary["calib_images"]},
+                                None if lm.path is None else str(lm.path),
+                                {"before": before, "after": after, "prune_s": summary["prune_s"]}, cfg.seed))
+    return model, rec, summary
+
+
+def layer_prune(lm: LoadedModel, ds: Dataset | None, metric: str, num_blocks: int | None, min_per_stage: int,
+                calib_size: int, seed: int, device, reporter: Reporter = QUIET,
+                settings: dict | None = None) -> tuple[nn.Module, ModelRecord, dict]:
+    """Remove the `num_blocks` lowest-scored removable blocks at once (None = all removable)."""
+    spec = lm.record.input
+    model = copy.deepcopy(lm.model).to(device).eval()
+    before = measure(model, spec, ds, device)
+    blocks = removable(model, min_per_stage)
+    if not blocks:
+        raise UserError(f"no block can be removed while keeping {min_per_stage} per stage")
+    if num_blocks is not None and num_blocks < 1:
+        raise UserError("--num-blocks must be >= 1")
+    calib = ds.calibration(calib_size, seed) if ds is not None else None
+    scores = score_blocks(model, blocks, metric, calib, spec, 128, device, seed, reporter)
+    n = len(choose_blocks(model, scores, len(blocks), min_per_stage)) if num_blocks is None else num_blocks
+    chosen = choose_blocks(model, scores, n, min_per_stage)
+    if len(chosen) < n:
+        raise UserError(f"only {len(chosen)} blocks can be removed while keeping {min_per_stage} per stage (asked {n})")
+    remove_blocks(model, chosen)
+    after = measure(model, spec, ds, device)
+    rec = lm.record.child()
+    rec.removed_blocks = list(lm.record.removed_blocks) + chosen
+    rec.metrics = after
+    summary = {"before": before, "after": after, "removed_blocks": chosen, "scores": scores}
+    rec.lineage.append(run_info("prune", {**(settings or {}), "structure": "layers", "metric": metric,
+                                          "num_blocks": n, "min_blocks_per_stage": min_per_stage, "removed": chosen},
+                                None if lm.path is None else str(lm.path), {"before": before, "after": after}, seed))
+    return model, rec, summary
+
+
+def finetune(lm: LoadedModel, ds: Dataset, cfg: TrainConfig, run_dir: Path | None, resume: bool, device,
+             distill: bool = False, reporter: Reporter = QUIET, settings: dict | None = None,
+             stage: str | None = None) -> tuple[nn.Module, ModelRecord, TrainResult]:
+    spec = lm.record.input
+    model = copy.deepcopy(lm.model)
+    teacher = copy.deepcopy(lm.model) if distill else None
+    result = train(model, ds.train, ds.test, spec, cfg, device=device, run_dir=run_dir, resume=resume,
+                   teacher=teacher, reporter=reporter, label="fine-tune" if lm.path else "train")
+    rec = lm.record.child()
+    if rec.dataset is None:
+        rec.dataset = ds.spec
+    rec.metrics = measure(model, spec, ds, device)
+    last = result.history[-1] if result.history else {}
+    rec.lineage.append(run_info(stage or ("finetune" if lm.path else "train"),
+                                {**(settings or {}), **cfg.to_json(), "distill": distill, "data": ds.spec.to_json()},
+                                None if lm.path is None else str(lm.path),
+                                {**rec.metrics, "wall_s": round(result.wall_s, 2), "epochs_run": len(result.history),
+                                 "images_per_s": last.get("images_per_s"), "data_wait_share": last.get("data_wait_share")},
+                                cfg.seed))
+    return model, rec, result

@@ -1,0 +1,1 @@
+"""Export: ONNX (fp32/fp16/int8 in the graph), TensorRT engines, and edge deployment bundles."""

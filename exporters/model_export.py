@@ -1,0 +1,95 @@
+"""Export a model directory: the inputs used to check it, and the sidecar JSON next to every artefact."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compressor import atomic
+from compressor.data import Dataset, to_model_input
+from compressor.errors import UserError
+from compressor.modeldir import LoadedModel
+from compressor.workflows import dataset_for
+
+from . import onnx_export
+from .precision import TOLERANCE
+
+
+def check_inputs(lm: LoadedModel, ds: Dataset | None, n: int = 64) -> tuple[np.ndarray, str]:
+    """Real test images in the model's input format where the dataset is known; else random inputs."""
+    spec = lm.record.input
+    if ds is not None:
+        data = ds.test.subset(torch.arange(min(n, len(ds.test))))
+        if data.images is not None:
+            return to_model_input(data.images, spec).numpy(), f"{len(data)} {ds.spec.name} test images"
+        from compressor.data import Batches
+
+        x = torch.cat([b for b, _ in Batches(data, spec, 64)])
+        return x.numpy(), f"{len(data)} {ds.spec.name} test images"
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, spec.channels, spec.height, spec.width, generator=g).numpy(), f"{n} random inputs (dataset unknown)"
+
+
+def calibration(lm: LoadedModel, ds: Dataset | None, n: int) -> np.ndarray | None:
+    if ds is None:
+        return None
+    calib = ds.calibration(n, 0)
+    if calib.images is None:
+        from compressor.data import Batches
+
+        return torch.cat([b for b, _ in Batches(calib, lm.record.input, 64)]).numpy()
+    return to_model_input(calib.images, lm.record.input).numpy()
+
+
+def model_summary(lm: LoadedModel) -> dict:
+    m = lm.record.metrics
+    return {"dir": None if lm.path is None else str(lm.path), "arch": lm.record.arch.to_json(),
+            "params": m.get("params"), "macs": m.get("macs"), "top1": m.get("top1"), "top5": m.get("top5")}
+
+
+def export_onnx(lm: LoadedModel, out: Path, precision: str = "fp32", data: str | None = None, tolerance: float | None = None,
+                calib_size: int = 256, check_size: int = 64) -> dict:
+    ds = dataset_for(data, None, None, None, False, lm.record)
+    inputs, what = check_inputs(lm, ds, check_size)
+    calib = calibration(lm, ds, calib_size) if precision == "int8" else None
+    spec = lm.record.input
+    report = onnx_export.export(lm.model, (spec.channels, spec.height, spec.width), out, inputs=inputs, inputs_are=what,
+                                precision=precision, calib=calib, tolerance=tolerance)
+    report["model"] = model_summary(lm)
+    if precision == "int8":
+        report["calibration_images"] = len(calib)
+    report["tolerance"] = dict(zip(("atol", "rtol", "min_top1_agreement"), TOLERANCE[precision]))
+    atomic.write_json(out.with_name(out.name + ".json"), report)
+    return report
+
+
+def export_tensorrt(lm: LoadedModel, out: Path, precision: str = "fp16", data: str | None = None, *, min_batch=1, opt_batch=8,
+                    max_batch=64, workspace_gb=4.0, timing_cache: Path | None = None, version_compatible=False,
+                    calib_size=256, check_size=64) -> dict:
+    from . import tensorrt_export
+
+    tensorrt_export.require_tensorrt()  # fail before any work, with what to install
+    spec = lm.record.input
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        onnx_rep = export_onnx(lm, onnx_path, precision, data, None, calib_size, check_size)
+        with atomic.temp_path_for(out) as engine_tmp:
+            trt_rep = tensorrt_export.build_engine(onnx_path, engine_tmp, precision=precision,
+                                                   shape=(spec.channels, spec.height, spec.width), min_batch=min_batch,
+                                                   opt_batch=opt_batch, max_batch=max_batch, workspace_gb=workspace_gb,
+                                                   timing_cache=timing_cache, version_compatible=version_compatible)
+            inputs, what = check_inputs(lm, dataset_for(data, None, None, None, False, lm.record), check_size)
+            agreement = tensorrt_export.engine_vs_onnx(engine_tmp, onnx_path, inputs, max_batch, version_compatible)
+            problem = onnx_export.within(onnx_export.Agreement(agreement["max_abs_diff"], agreement["worst_input"],
+                                                               agreement["reference_max_abs"], agreement["top1_agreement"],
+                                                               agreement["inputs"]), precision)
+            if problem:
+                raise UserError(f"refusing to write {out}: TensorRT vs ONNX Runtime: {problem}")
+    report = {"file": str(out), "tensorrt": trt_rep, "onnx": {k: onnx_rep[k] for k in ("precision", "opset", "agreement")},
+              "agreement_vs_onnxruntime": {**agreement, "inputs_are": what}, "model": model_summary(lm),
+              "input_shape": ["batch", spec.channels, spec.height, spec.width]}
+    atomic.write_json(out.with_name(out.name + ".json"), report)
+    return report

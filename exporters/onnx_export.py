@@ -1,0 +1,139 @@
+"""ONNX export with a dynamic batch axis, checked three ways before anything is written:
+onnx.checker (full check with shape inference), ONNX Runtime execution, and agreement with PyTorch on
+real inputs within the tolerance of the graph's precision.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+
+from compressor import atomic
+from compressor.errors import UserError
+
+from .precision import PRECISIONS, TOLERANCE, to_fp16, to_int8
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+@dataclass
+class Agreement:
+    max_abs_diff: float
+    worst_input: int
+    reference_scale: float
+    top1_agreement: float
+    n: int
+
+    def to_json(self) -> dict:
+        return {"max_abs_diff": self.max_abs_diff, "worst_input": self.worst_input,
+                "reference_max_abs": self.reference_scale, "top1_agreement": self.top1_agreement, "inputs": self.n}
+
+
+def ort_session(path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:
+        raise UserError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
+
+
+def run_ort(session, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def compare(reference: np.ndarray, got: np.ndarray) -> Agreement:
+    diff = np.abs(reference.astype(np.float64) - got.astype(np.float64)).reshape(len(reference), -1).max(1)
+    worst = int(diff.argmax())
+    agree = float((reference.argmax(1) == got.argmax(1)).mean())
+    return Agreement(float(diff[worst]), worst, float(np.abs(reference).max()), agree, len(reference))
+
+
+def within(agreement: Agreement, precision: str, tolerance: float | None = None) -> str | None:
+    """None if acceptable, else the reason."""
+    atol, rtol, min_agree = TOLERANCE[precision]
+    if tolerance is not None:
+        atol, rtol = tolerance, 0.0
+    if atol is not None and agreement.max_abs_diff > atol + rtol * agreement.reference_scale:
+        return (f"max |ONNX - PyTorch| = {agreement.max_abs_diff:.3g} on input #{agreement.worst_input} exceeds "
+                f"the {precision} tolerance {atol + rtol * agreement.reference_scale:.3g}")
+    if agreement.top1_agreement < min_agree:
+        return f"top-1 agrees with PyTorch on only {100 * agreement.top1_agreement:.1f}% of inputs (need {100 * min_agree:.0f}%)"
+    return None
+
+
+def _export_fp32(model: nn.Module, shape: tuple[int, int, int]) -> onnx.ModelProto:
+    model = model.eval().cpu()
+    example = torch.zeros(2, *shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            prog = torch.onnx.export(model, (example,), None, dynamo=True, input_names=[INPUT_NAME],
+                                     output_names=[OUTPUT_NAME], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                     verbose=False)
+        except Exception as e:
+            raise UserError(f"torch.onnx.export failed: {str(e).splitlines()[0][:200]}") from None
+    return prog.model_proto
+
+
+def export(model: nn.Module, shape: tuple[int, int, int], out: Path, *, inputs: np.ndarray,
+           inputs_are: str, precision: str = "fp32", calib: np.ndarray | None = None,
+           tolerance: float | None = None) -> dict:
+    """Write a checked ONNX file to `out` (atomically). `inputs` are real model inputs used to compare."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
+    proto = _export_fp32(model, shape)
+    with torch.no_grad():
+        reference = torch.cat([model(torch.from_numpy(inputs[i:i + 64])) for i in range(0, len(inputs), 64)]).numpy()
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        onnx.save(proto, str(fp32))
+        final = fp32
+        if precision == "fp16":
+            final = Path(tmp) / "fp16.onnx"
+            onnx.save(to_fp16(onnx.load(str(fp32))), str(final))
+        elif precision == "int8":
+            if calib is None:
+                raise UserError("int8 export needs calibration data (the model's dataset or --data)")
+            final = Path(tmp) / "int8.onnx"
+            to_int8(fp32, final, calib, INPUT_NAME)
+        try:
+            onnx.checker.check_model(str(final), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+            raise UserError(f"the exported graph fails onnx.checker: {str(e).splitlines()[0][:200]}") from None
+        got = run_ort(ort_session(final), inputs)
+        agreement = compare(reference, got)
+        problem = within(agreement, precision, tolerance)
+        if problem:
+            raise UserError(f"refusing to write {out}: {problem}")
+        with atomic.temp_path_for(out) as tmp_out:
+            os.replace(final, tmp_out)
+    graph = onnx.load(str(out), load_external_data=False)
+    return {
+        "file": str(out), "bytes": out.stat().st_size, "sha256": atomic.sha256_file(out), "precision": precision,
+        "opset": max((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), default=None),
+        "input": {"name": INPUT_NAME, "shape": ["batch", *shape], "dtype": "float32"},
+        "output": {"name": OUTPUT_NAME}, "checker": "onnx.checker full_check passed",
+        "agreement": {**agreement.to_json(), "inputs_are": inputs_are},
+        "ops": sorted({n.op_type for n in graph.graph.node}),
+    }
+
+
+def initializer_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
+    g = onnx.load(str(path), load_external_data=False).graph
+    return {i.name: list(i.dims) for i in g.initializer}

@@ -1,0 +1,1 @@
+"""Measurement: FLOPs/params, latency, memory, energy, reports and CI gates."""

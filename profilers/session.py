@@ -1,0 +1,172 @@
+"""A profiling run: every target x backend x batch size, with interleaved rounds against the baseline.
+
+Order of work per (backend, batch size): memory (each target alone, fresh peak), then latency (all
+targets live, rounds A B C ... A B C ... so drift cancels in each round's ratio), then energy windows.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compressor.errors import NotAvailable, UserError
+from compressor.progress import QUIET, Reporter
+
+from . import energy, memory, stats, sysinfo
+from .breakdown import top_ops
+from .runners import BACKENDS, OrtRunner, Runner, TorchRunner, TrtRunner, measure
+from .targets import Target, ensure_onnx, narrow_layers
+
+SCHEMA = "compress-profile/1"
+
+
+@dataclass
+class Settings:
+    backends: tuple[str, ...] = ("onnxruntime",)
+    device: str = "cpu"
+    batch_sizes: tuple[int, ...] = (1, 32)
+    threads: int | None = None
+    rounds: int = 10
+    warmup: int = 10
+    min_iters: int = 20
+    min_time_s: float = 0.3
+    confidence: float = 0.95
+    energy: bool = True
+    energy_window_s: float = 5.0
+    idle_s: float = 2.0
+    energy_estimate_w: float | None = None
+    include_transfers: bool = False
+    cuda_graphs: bool = False
+    ort_provider: str | None = None  # "tensorrt" to use ONNX Runtime's TensorRT EP
+    breakdown: bool = False
+
+    def validate(self) -> None:
+        bad = [b for b in self.backends if b not in BACKENDS]
+        if bad:
+            raise UserError(f"unknown backend {bad[0]} (choose from {', '.join(BACKENDS)})")
+        if self.device not in ("cpu", "cuda"):
+            raise UserError("--device must be cpu or cuda")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise UserError("--batch-sizes must be positive integers")
+        if self.rounds < 1 or self.min_iters < 1 or self.min_time_s < 0 or self.warmup < 0:
+            raise UserError("--rounds and --min-iters must be >= 1; --min-time and --warmup >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise UserError("--threads must be >= 1")
+        if self.energy_estimate_w is not None and self.energy_estimate_w <= 0:
+            raise UserError("--energy-estimate must be a positive power in watts")
+
+
+def _runner(t: Target, backend: str, batch: int, s: Settings, workdir: Path) -> Runner:
+    if backend == "torch":
+        return TorchRunner(t.model, t.shape, batch, s.device, s.cuda_graphs, s.include_transfers)
+    if backend == "onnxruntime":
+        return OrtRunner(ensure_onnx(t, workdir), batch, s.device, s.threads, s.ort_provider, s.include_transfers)
+    return TrtRunner(t.engine, batch, s.include_transfers)
+
+
+def _file_bytes(t: Target, runner: Runner) -> int | None:
+    if runner.file_bytes is not None:
+        return runner.file_bytes
+    if t.path is not None and (t.path / "model.safetensors").is_file():
+        return (t.path / "model.safetensors").stat().st_size
+    return None
+
+
+def run(targets: list[Target], baseline: Target | None, s: Settings, reporter: Reporter = QUIET) -> dict:
+    s.validate()
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    everyone = ([baseline] if baseline is not None else []) + [t for t in targets if t is not baseline]
+    machine = sysinfo.describe()
+    doc = {"schema": SCHEMA, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "command": " ".join(["compress"] + sys.argv[1:]), "machine": machine,
+           "settings": {**asdict(s), "backends": list(s.backends), "batch_sizes": list(s.batch_sizes)},
+           "baseline": None if baseline is None else baseline.name, "targets": [t.to_json() for t in everyone],
+           "results": [], "skipped": [], "breakdown": [], "flags": [], "gates": []}
+    for t in everyone:
+        if t.model is not None:
+            doc["flags"] += [{"target": t.name, **f} for f in narrow_layers(t.model)]
+    counter, counter_reason = (None, "energy measurement disabled (--no-energy)")
+    if s.energy and s.energy_estimate_w is None:
+        counter, counter_reason = energy.detect(s.device)
+    workdir = Path(tempfile.mkdtemp(prefix="compress-profile-"))
+    try:
+        for backend in s.backends:
+            live = [t for t in everyone if t.supports(backend)]
+            for t in everyone:
+                if t not in live:
+                    doc["skipped"].append({"target": t.name, "backend": backend, "reason": f"a {t.kind} target cannot run on {backend}"})
+            if baseline is not None and baseline not in live:
+                raise UserError(f"the baseline {baseline.name} cannot run on {backend}")
+            for batch in s.batch_sizes:
+                doc["results"] += _one(live, baseline, backend, batch, s, counter, counter_reason, workdir, reporter, doc)
+    except NotAvailable:
+        raise
+    finally:
+        if counter is not None:
+            counter.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    for t, tj in zip(everyone, doc["targets"]):
+        tj["params"], tj["macs"] = t.params, t.macs
+    return doc
+
+
+def _one(live, baseline, backend, batch, s: Settings, counter, counter_reason, workdir, reporter, doc) -> list[dict]:
+    mem = {}
+    for t in live:  # memory: each target alone, peak reset before it loads
+        if s.device == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        with memory.PeakWindow() as w:
+            r = _runner(t, backend, batch, s, workdir)
+            measure(r, 2, 3, 0.0)
+        mem[t.name] = {"peak_rss_mb": round(w.peak, 1), "peak_rss_delta_mb": None if w.delta is None else round(w.delta, 1),
+                       "device_peak_mb": None if r.device_peak_bytes() is None else round(r.device_peak_bytes() / 2**20, 1),
+                       "file_bytes": _file_bytes(t, r)}
+        r.close()
+    runners = {t.name: _runner(t, backend, batch, s, workdir) for t in live}
+    per_round = {t.name: [] for t in live}
+    samples = {t.name: [] for t in live}
+    with reporter.task(f"{backend} batch {batch}", s.rounds * len(live)) as advance:
+        for rnd in range(s.rounds):
+            for t in live:
+                lat = measure(runners[t.name], s.warmup if rnd == 0 else min(3, s.warmup), s.min_iters, s.min_time_s)
+                samples[t.name] += lat
+                per_round[t.name].append(float(np.median(lat)))
+                advance()
+    rows = []
+    for t in live:
+        r = runners[t.name]
+        summ = stats.summary(samples[t.name], batch)
+        row = {"target": t.name, "backend": backend, "device": s.device, "batch_size": batch,
+               "latency_ms": {k: v for k, v in summ.items() if k != "throughput_ips"},
+               "throughput_ips": summ["throughput_ips"], "round_medians_ms": per_round[t.name],
+               "memory": mem[t.name], "runner": r.info(), "top1": t.top1, "params": t.params, "macs": t.macs,
+               "speedup": None}
+        if baseline is not None and t is not baseline:
+            sp = stats.paired_speedup(per_round[baseline.name], per_round[t.name], s.confidence)
+            flops_speedup = baseline.macs / t.macs if baseline.macs and t.macs else None
+            sp.update({"vs": baseline.name, "flops_speedup": flops_speedup,
+                       "flops_reduction": None if flops_speedup is None else 1 - 1 / flops_speedup,
+                       "realised_fraction": None if flops_speedup is None else sp["median"] / flops_speedup})
+            row["speedup"] = sp
+        if s.energy_estimate_w is not None:
+            row["energy"] = energy.estimate(s.energy_estimate_w, r.run, batch, min(s.energy_window_s, 2.0)).to_json()
+        elif counter is not None:
+            row["energy"] = energy.measure(counter, r.run, batch, s.energy_window_s, s.idle_s).to_json()
+        else:
+            row["energy"] = energy.unavailable(counter_reason).to_json()
+        if s.breakdown:
+            doc["breakdown"].append({"target": t.name, "backend": backend, "batch_size": batch,
+                                     "top_ops": top_ops(r, t.onnx if backend == "onnxruntime" else None)})
+        rows.append(row)
+    for r in runners.values():
+        r.close()
+    return rows

@@ -1,0 +1,58 @@
+"""Shared fixtures: small real models trained on the real digits data, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY_CNN = ["--model", "resnet20", "--model-arg", "width=8", "--input-size", "16"]
+TINY_VIT = ["--model", "vit_cifar", "--model-arg", "depth=2", "--model-arg", "embed_dim=48", "--model-arg", "num_heads=4",
+            "--input-size", "16"]
+
+
+class CLI:
+    """Run `compress` in-process and capture what a user would see."""
+
+    def __init__(self, capsys):
+        self.capsys = capsys
+
+    def __call__(self, *args, expect: int | None = 0):
+        from cli.main import run
+
+        self.capsys.readouterr()
+        code = run([str(a) for a in args])
+        out, err = self.capsys.readouterr()
+        if expect is not None:
+            assert code == expect, f"exit {code} (expected {expect})\nstdout:\n{out}\nstderr:\n{err}"
+        return code, out, err
+
+
+@pytest.fixture
+def cli(capsys):
+    return CLI(capsys)
+
+
+def _train(out: Path, model_args: list[str], epochs: int, lr: str = "2e-3") -> Path:
+    from cli.main import run
+
+    code = run(["finetune", *model_args, "--data", "digits", "--epochs", str(epochs), "--lr", lr, "--batch-size", "64",
+                "--out", str(out), "--quiet", "--device", "cpu"])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def cnn_parent(tmp_path_factory) -> Path:
+    """ResNet-20 (width 8, 16x16 input) trained on digits."""
+    return _train(tmp_path_factory.mktemp("cnn") / "parent", TINY_CNN, epochs=8)
+
+
+@pytest.fixture(scope="session")
+def vit_parent(tmp_path_factory) -> Path:
+    """A 2-block, 4-head timm ViT (16x16 input) trained on digits."""
+    return _train(tmp_path_factory.mktemp("vit") / "parent", TINY_VIT, epochs=8, lr="1e-3")

@@ -1,0 +1,131 @@
+"""Edge bundles: build, verify, tamper detection, reproducibility, and run.py on real digits."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import venv
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from compressor.data import DataSpec, load_dataset
+from compressor.data.loader import to_model_input
+from compressor.modeldir import load_model_dir
+
+
+@pytest.fixture(scope="module")
+def bundle(cnn_parent, tmp_path_factory):
+    from cli.main import run
+
+    out = tmp_path_factory.mktemp("bundle") / "b.tar.gz"
+    assert run(["package", str(cnn_parent), "--target", "onnxruntime-cpu", "--out", str(out)]) == 0
+    return out
+
+
+def _members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path, "r:gz") as t:
+        return {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+
+
+def test_bundle_contents_and_verify(cli, bundle):
+    files = _members(bundle)
+    assert {"bundle/model.onnx", "bundle/run.py", "bundle/requirements.txt", "bundle/manifest.json"} <= set(files)
+    m = json.loads(files["bundle/manifest.json"])
+    assert m["preprocessing"]["shape"] == [3, 16, 16] and len(m["labels"]) == 10 and m["metrics"]["params"] > 0
+    assert m["build"]["profile"]["latency_ms"]["p50"] > 0 and set(m["files"]) == {k[7:] for k in files} - {"manifest.json"}
+    assert "onnxruntime" in files["bundle/requirements.txt"].decode()
+    _, out, _ = cli("package", "--verify", bundle)
+    assert "bundle OK" in out
+
+
+def _rewrite(src: Path, dst: Path, change):
+    files = _members(src)
+    change(files)
+    with tarfile.open(dst, "w:gz") as t:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("tamper", ["model", "runpy", "extra"])
+def test_tampering_is_detected(cli, bundle, tmp_path, tamper):
+    def change(files):
+        if tamper == "model":
+            b = bytearray(files["bundle/model.onnx"])
+            b[len(b) // 2] ^= 1
+            files["bundle/model.onnx"] = bytes(b)
+        elif tamper == "runpy":
+            files["bundle/run.py"] += b"\nprint('hello')\n"
+        else:
+            files["bundle/extra.py"] = b"import os\n"
+
+    bad = tmp_path / "bad.tar.gz"
+    _rewrite(bundle, bad, change)
+    _, _, err = cli("package", "--verify", bad, expect=1)
+    assert ("checksum mismatch" in err) if tamper != "extra" else ("not in the manifest" in err)
+
+
+def test_bundles_are_reproducible(cli, cnn_parent, bundle, tmp_path):
+    again = tmp_path / "again.tar.gz"
+    cli("package", cnn_parent, "--target", "onnxruntime-cpu", "--out", again)
+    a, b = _members(bundle), _members(again)
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.endswith("manifest.json"):
+            ma, mb = json.loads(a[k]), json.loads(b[k])
+            ma.pop("build"), mb.pop("build")
+            assert ma == mb
+        else:
+            assert a[k] == b[k], k
+
+
+def _digit_pngs(folder: Path, n: int = 40):
+    ds = load_dataset(DataSpec("digits"))
+    folder.mkdir()
+    for i in range(n):
+        Image.fromarray(ds.test.images[i, 0].numpy()).save(folder / f"{i:03d}.png")
+    return ds.test.labels[:n].tolist(), ds.test.images[:n]
+
+
+def test_run_py_classifies_real_digits(cnn_parent, bundle, tmp_path):
+    with tarfile.open(bundle) as t:
+        t.extractall(tmp_path, filter="data")
+    labels, images = _digit_pngs(tmp_path / "imgs")
+    r = subprocess.run([sys.executable, str(tmp_path / "bundle" / "run.py"), str(tmp_path / "imgs"), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    pred = [row["top"][0]["index"] for row in json.loads(r.stdout)]
+    lm = load_model_dir(cnn_parent)
+    expected = lm.model(to_model_input(images, lm.record.input)).argmax(1).tolist()
+    assert pred == expected  # the bundle's preprocessing and model are the training pipeline's
+    assert sum(p == y for p, y in zip(pred, labels)) >= 0.8 * len(labels)
+
+
+def test_gpu_target_bundles_carry_their_runtime(cli, cnn_parent, tmp_path):
+    for target in ("onnxruntime-cuda", "tensorrt", "jetson"):
+        out = tmp_path / f"{target}.tar.gz"
+        cli("package", cnn_parent, "--target", target, "--out", out, "--no-profile")
+        m = json.loads(_members(out)["bundle/manifest.json"])
+        assert m["runtime"]["target"] == target
+        cli("package", "--verify", out)  # the same graph is checked with ONNX Runtime on this CPU
+
+
+@pytest.mark.skipif(os.environ.get("COMPRESS_SLOW_TESTS") != "1", reason="opt-in: set COMPRESS_SLOW_TESTS=1 (installs the bundle's requirements into a fresh venv)")
+def test_bundle_runs_in_a_fresh_venv(bundle, tmp_path):
+    with tarfile.open(bundle) as t:
+        t.extractall(tmp_path, filter="data")
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    py = env_dir / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "-r", str(tmp_path / "bundle" / "requirements.txt")], check=True, timeout=900)
+    labels, _ = _digit_pngs(tmp_path / "imgs")
+    r = subprocess.run([str(py), str(tmp_path / "bundle" / "run.py"), str(tmp_path / "imgs"), "--json"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    pred = [row["top"][0]["index"] for row in json.loads(r.stdout)]
+    assert sum(p == y for p, y in zip(pred, labels)) >= 0.8 * len(labels)

@@ -1,0 +1,46 @@
+"""`compress compare` produces seed-000-style tables and resumes; `compress demo` runs the whole chain."""
+
+import csv
+import json
+
+from compressor.modeldir import load_model_dir
+
+
+def test_compare_grid_tables_plots_and_resume(cli, cnn_parent, tmp_path):
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", cnn_parent, "--metrics", "l1,taylor", "--sparsities", "0.25,0.5", "--finetune-epochs", "1",
+            "--lr", "2e-3", "--calib-size", "64", "--out", out, "-q"]
+    _, stdout, _ = cli(*args)
+    for name in ("table.md", "table.csv", "table.json", "compare.json", "accuracy_vs_flops.png", "speedup_vs_flops.png"):
+        assert (out / name).is_file(), name
+    assert (out / "accuracy_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
+    rows = list(csv.DictReader((out / "table.csv").open()))
+    assert [(r["metric"], float(r["sparsity"])) for r in rows] == [("l1", 0.25), ("taylor", 0.25), ("l1", 0.5), ("taylor", 0.5)]
+    for r in rows:
+        assert float(r["flops_reduction"]) > 0 and float(r["finetune_s"]) > 0 and float(r["speedup"]) > 0
+        assert r["top1_before_ft"] and r["top1_after_ft"]
+    md = (out / "table.md").read_text()
+    assert "| metric | sparsity | params | MACs | FLOPs red. | top-1 before FT" in md and "| taylor | 50% |" in md
+    cells = json.loads((out / "table.json").read_text())
+    assert load_model_dir(out / cells[0]["dir"]).record.metrics["top1"] == cells[0]["top1_after_ft"]
+
+    # A stopped run resumes without redoing finished cells.
+    doc = json.loads((out / "compare.json").read_text())
+    (out / "cells" / "taylor_s50" / "cell.json").unlink()
+    doc["cells"] = [c for c in doc["cells"] if c["name"] != "taylor_s50"]
+    (out / "compare.json").write_text(json.dumps(doc))
+    stamps = {c: (out / "cells" / c / "cell.json").stat().st_mtime_ns for c in ("l1_s25", "taylor_s25", "l1_s50")}
+    cli(*args, "--resume")
+    assert {c: (out / "cells" / c / "cell.json").stat().st_mtime_ns for c in stamps} == stamps
+    assert (out / "cells" / "taylor_s50" / "cell.json").is_file()
+    # Profiling a compare run uses its parent as the baseline.
+    _, prof, _ = cli("profile", out, "--rounds", "2", "--min-time", "0.02", "--warmup", "1", "--min-iters", "3", "--batch-sizes", "1")
+    assert "taylor_s50" in prof and "baseline" in prof
+
+
+def test_demo_runs_the_whole_chain(cli, tmp_path):
+    _, out, _ = cli("demo", "--out", tmp_path / "demo", "--epochs", "2", "--finetune-epochs", "1", "--quiet")
+    assert "measured speedup" in out and "FLOPs red." in out and "Accuracy on the digits test split" in out
+    for name in ("baseline", "pruned", "finetuned"):
+        load_model_dir(tmp_path / "demo" / name)
+    assert (tmp_path / "demo" / "finetuned.onnx").is_file() and (tmp_path / "demo" / "profile" / "profile.json").is_file()

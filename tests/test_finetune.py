@@ -1,0 +1,109 @@
+"""Fine-tuning: it recovers accuracy; interrupted runs resume to the same result (real signals)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compressor.modeldir import load_model_dir
+
+
+def test_short_finetune_improves_a_pruned_model(cli, cnn_parent, tmp_path):
+    cli("prune", "--model", cnn_parent, "--metric", "l2", "--sparsity", "0.5", "--out", tmp_path / "p", "-q")
+    before = load_model_dir(tmp_path / "p").record.metrics["top1"]
+    _, out, _ = cli("finetune", tmp_path / "p", "--epochs", "4", "--lr", "2e-3", "--out", tmp_path / "ft", "-q")
+    after = load_model_dir(tmp_path / "ft").record.metrics["top1"]
+    assert after > before + 10, (before, after)
+    assert "images/s" in out and "waiting for data" in out
+    hist = json.loads((tmp_path / "ft" / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4] and all(0 <= h["data_wait_share"] <= 1 for h in hist)
+    lineage = load_model_dir(tmp_path / "ft").record.lineage
+    assert [e["stage"] for e in lineage][-2:] == ["prune", "finetune"]
+    assert lineage[-1]["parent"] == str(tmp_path / "p") and lineage[-1]["settings"]["optimizer"] == "adam"
+
+
+def test_sgd_step_schedule_distill_and_bn_l1(cli, cnn_parent, tmp_path):
+    cli("finetune", cnn_parent, "--epochs", "3", "--optimizer", "sgd", "--lr", "1e-2", "--lr-schedule", "step",
+        "--nesterov", "--distill", "--bn-l1", "1e-4", "--augment", "crop,rotate", "--out", tmp_path / "ft", "-q")
+    hist = json.loads((tmp_path / "ft" / "history.json").read_text())
+    assert [round(h["lr"], 6) for h in hist] == [0.01, 0.001, 0.0001]  # seed 001's decades
+
+
+def test_dataloader_path_trains_too(cli, cnn_parent, tmp_path):
+    cli("finetune", cnn_parent, "--epochs", "1", "--loader", "dataloader", "--workers", "0", "--out", tmp_path / "ft", "-q")
+    assert load_model_dir(tmp_path / "ft").record.metrics["top1"] > 0
+
+
+ARGS = ["finetune", "--model", "resnet20", "--model-arg", "width=12", "--input-size", "32", "--data", "digits",
+        "--epochs", "4", "--lr", "2e-3", "--batch-size", "32", "--device", "cpu", "--quiet", "--seed", "3"]
+
+
+def _compress(args, **kw):
+    code = "import sys; from cli.main import main; sys.argv = ['compress'] + sys.argv[1:]; main()"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, **kw)
+
+
+def _checkpoint_epoch(run: Path) -> int:
+    ck = run / "checkpoints" / "last.pt"
+    if not ck.exists():
+        return 0
+    try:
+        return int(torch.load(ck, weights_only=True)["epoch"])
+    except Exception:
+        return 0
+
+
+def _interrupted_run(tmp_path: Path, sig: int) -> Path:
+    run = tmp_path / f"run_{sig}"
+    p = _compress(ARGS + ["--out", run])
+    deadline = time.time() + 240
+    while _checkpoint_epoch(run) < 2:
+        assert p.poll() is None, p.communicate()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    time.sleep(0.3)  # now somewhere inside epoch 3
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=120)
+    assert not (run / "model.json").exists(), "an interrupted run must not look finished"
+    if sig == signal.SIGINT:
+        assert p.returncode == 130 and b"--resume" in out + err and b"Traceback" not in err
+    else:
+        assert p.returncode == -signal.SIGKILL
+    assert _checkpoint_epoch(run) >= 2
+    # Without --resume the run is not silently restarted or clobbered.
+    q = _compress(ARGS + ["--out", run])
+    _, err = q.communicate(timeout=120)
+    assert q.returncode == 2 and b"--resume" in err
+    r = _compress(ARGS + ["--out", run, "--resume"])
+    _, err = r.communicate(timeout=300)
+    assert r.returncode == 0, err.decode()
+    return run
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The same run, never interrupted."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    p = _compress(ARGS + ["--out", out])
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err.decode()
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path, straight, sig):
+    resumed = _interrupted_run(tmp_path, sig)
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha = json.loads((straight / "history.json").read_text())
+    hb = json.loads((resumed / "history.json").read_text())
+    assert [h["top1"] for h in ha] == [h["top1"] for h in hb]

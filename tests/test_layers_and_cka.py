@@ -1,0 +1,129 @@
+"""Layer pruning, the CKA anchors, and seed 002's layer-or-filter loop through the CLI."""
+
+import json
+import random
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from scipy.stats import ortho_group
+
+from compressor.data import DataSpec, load_dataset
+from compressor.joint import allocate, decision_path
+from compressor.layers import find_blocks, removable
+from compressor.modeldir import load_model_dir, remove_blocks
+from compressor.models import ArchSpec, build
+from compressor.similarity import linear_cka
+from exporters.model_export import check_inputs
+
+
+def test_cka_matches_kornblith_reference():
+    np.random.seed(1337)
+    x = np.random.randn(100, 10)
+    y = np.random.randn(100, 10) + x
+    assert round(linear_cka(x, y), 5) == 0.55761
+    assert round(linear_cka(x, y, debiased=True), 5) == 0.51346
+
+
+reps = st.integers(min_value=0, max_value=10_000).map(lambda s: np.random.default_rng(s).standard_normal((40, 6)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(reps, st.floats(min_value=0.01, max_value=100), st.integers(min_value=0, max_value=10_000))
+def test_cka_invariances(x, scale, seed):
+    assert linear_cka(x, x) == pytest.approx(1.0)
+    q = ortho_group.rvs(x.shape[1], random_state=seed)
+    y = np.random.default_rng(seed).standard_normal(x.shape)
+    assert linear_cka(x, y) == pytest.approx(linear_cka(x @ q * scale, y), rel=1e-9, abs=1e-12)
+    assert 0.0 <= linear_cka(x, y) <= 1.0 + 1e-12
+
+
+@pytest.mark.parametrize("source,name", [("compress", "resnet20"), ("torchvision", "resnet50")])
+def test_zeroing_the_last_batchnorm_equals_removing_the_block(source, name):
+    torch.manual_seed(0)
+    m = build(ArchSpec(source, name), 10).eval()
+    for mod in m.modules():  # non-trivial BN statistics and affine terms
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.1, 0.1)
+    x = torch.randn(2, 3, 64, 64)
+    block = removable(m, 1)[0]
+    mod = m.get_submodule(block.path)
+    last_bn = mod.bn3 if hasattr(mod, "bn3") else mod.bn2
+    with torch.no_grad():
+        last_bn.weight.zero_()
+        last_bn.bias.zero_()
+        zeroed = m(x)
+        remove_blocks(m, [block.path])
+        removed = m(x)
+    assert torch.allclose(zeroed, removed, atol=1e-6)
+
+
+def test_block_eligibility():
+    m = build(ArchSpec("compress", "resnet20"), 10)
+    blocks = find_blocks(m)
+    assert len(blocks) == 9
+    assert [b.path for b in removable(m, 2)] == ["layer1.2", "layer2.2", "layer3.2"] or len(removable(m, 2)) == 6
+    assert all(b.index > 0 for b in removable(m, 1))
+    assert not any(b.path in ("layer2.0", "layer3.0") for b in removable(m, 1))  # downsampling blocks
+
+
+def test_allocate_matches_count_and_keeps_one_filter():
+    for seed in range(20):
+        widths = [8, 8, 16, 16, 32]
+        count = random.Random(seed).randint(1, sum(widths) - len(widths))
+        share = allocate(widths, count, random.Random(seed))
+        assert sum(share) == count and all(s <= w - 1 for s, w in zip(share, widths))
+    assert allocate([8, 16], 12, random.Random(0)) == [4, 8]  # an exact proportional split needs no random fill
+
+
+def test_decision_path_notation():
+    assert decision_path(["L", "F", "F", "L", "L", "L"]) == "L, F², L³"
+    assert decision_path([]) == ""
+
+
+def test_layer_pruning_through_cli(cli, cnn_parent, tmp_path):
+    out = tmp_path / "layers"
+    cli("prune", "--model", cnn_parent, "--structure", "layers", "--metric", "kl", "--num-blocks", "max",
+        "--calib-size", "64", "--out", out, "-q")
+    lm = load_model_dir(out)
+    assert len(lm.record.removed_blocks) == 3
+    assert all(isinstance(lm.model.get_submodule(p), torch.nn.Identity) for p in lm.record.removed_blocks)
+    assert lm.record.metrics["macs"] < load_model_dir(cnn_parent).record.metrics["macs"]
+    _, _, err = cli("prune", "--model", cnn_parent, "--structure", "layers", "--num-blocks", "5", "--out", tmp_path / "x", expect=2)
+    assert "only 3 blocks can be removed" in err
+
+
+def _check_iteration(cli, d, tmp_path):
+    lm = load_model_dir(d)
+    onnx_path = tmp_path / f"{d.parent.parent.name}_{d.name}.onnx"
+    cli("export", d, "--out", onnx_path, "--check-size", "16")
+    x, _ = check_inputs(lm, load_dataset(DataSpec("digits")), 16)
+    np.testing.assert_allclose(ort.InferenceSession(str(onnx_path)).run(None, {"input": x})[0],
+                               lm.model(torch.from_numpy(x)).detach().numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_auto_loop_end_to_end(cli, cnn_parent, tmp_path):
+    decisions = set()
+    for seed, extra in ((0, []), (1, ["--similarity", "random"])):
+        out = tmp_path / f"auto{seed}"
+        cli("prune", "--model", cnn_parent, "--structure", "auto", "--iterations", "3", "--candidate-epochs", "1",
+            "--epochs-per-iteration", "1", "--calib-size", "60", "--seed", str(seed), "--out", out, "-q", *extra)
+        log = json.loads((out / "auto_log.json").read_text())
+        assert len(log["iterations"]) == 3 and log["path"]
+        for row in log["iterations"]:
+            decisions.add(row["decision"])
+            assert row["cka_layer"] is not None and row["cka_filter"] is not None
+            _check_iteration(cli, out / row["dir"], tmp_path)
+        assert (out / "auto_log.md").read_text().startswith("# Layer/filter pruning by CKA")
+        load_model_dir(out)  # the run's directory is itself the final model
+    assert decisions == {"L", "F"}, decisions
+
+
+def test_auto_needs_residual_stages(cli, vit_parent, tmp_path):
+    _, _, err = cli("prune", "--model", vit_parent, "--structure", "auto", "--out", tmp_path / "x", expect=2)
+    assert "residual" in err

@@ -1,0 +1,162 @@
+"""Every importance metric on a CNN and a ViT, through the CLI; the seed-000 ViT-B/16 parameter check."""
+
+import copy
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch_pruning as tp
+
+from compressor.data import DataSpec, InputSpec, load_dataset
+from compressor.importance import METRICS, kl_scores
+from compressor.modeldir import load_model_dir
+from compressor.pruning import WidthConfig, _make_pruner, _plan, prune_width
+from compressor.structures import describe
+from exporters.model_export import check_inputs
+
+CNN_METRICS = METRICS
+VIT_METRICS = [m for m in METRICS if m != "bn-scale"]
+
+
+def _prune(cli, parent, out, metric, sparsity="0.5", *extra):
+    cli("prune", "--model", parent, "--metric", metric, "--sparsity", sparsity, "--calib-size", "64", "--out", out,
+        "--device", "cpu", "-q", *extra)
+    return load_model_dir(out)
+
+
+def _onnx_matches(cli, model_dir, tmp_path):
+    onnx_path = tmp_path / f"{model_dir.name}.onnx"
+    cli("export", model_dir, "--out", onnx_path)
+    lm = load_model_dir(model_dir)
+    x, _ = check_inputs(lm, load_dataset(DataSpec("digits")), 16)
+    ref = lm.model(torch.from_numpy(x)).detach().numpy()
+    got = ort.InferenceSession(str(onnx_path)).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("metric", CNN_METRICS)
+def test_cnn_metric_removes_channels(cli, cnn_parent, tmp_path, metric):
+    parent = load_model_dir(cnn_parent)
+    child = _prune(cli, cnn_parent, tmp_path / metric, metric)
+    convs = {n: m for n, m in child.model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    pconvs = {n: m for n, m in parent.model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    for n, m in convs.items():  # uniform 50 %: every conv keeps exactly half its filters
+        assert m.out_channels == pconvs[n].out_channels // 2, n
+        assert m.weight.shape[0] == m.out_channels
+    assert child.record.metrics["params"] < parent.record.metrics["params"]
+    _onnx_matches(cli, tmp_path / metric, tmp_path)
+
+
+@pytest.mark.parametrize("metric", VIT_METRICS)
+def test_vit_metric_removes_heads_and_neurons(cli, vit_parent, tmp_path, metric):
+    child = _prune(cli, vit_parent, tmp_path / metric, metric, "0.5", "--ffn-metric", metric)
+    for blk in child.model.blocks:
+        a = blk.attn
+        assert a.num_heads == 2 and a.attn_dim == 2 * a.head_dim and a.qkv.out_features == 3 * a.attn_dim
+        assert a.proj.in_features == a.attn_dim and blk.mlp.fc1.out_features == 48  # 96 hidden -> 48
+        assert blk.mlp.fc2.in_features == 48 and a.proj.out_features == 48  # residual width kept
+    _onnx_matches(cli, tmp_path / metric, tmp_path)
+
+
+def test_bn_scale_on_a_vit_is_a_clear_error(cli, vit_parent, tmp_path):
+    _, _, err = cli("prune", "--model", vit_parent, "--metric", "bn-scale", "--out", tmp_path / "x", expect=2)
+    assert "no BatchNorm" in err and not (tmp_path / "x").exists()
+
+
+def _kept(model_dir, layer="layer1.0.conv1"):
+    lm = load_model_dir(model_dir)
+    return lm.model.get_submodule(layer).weight.detach()
+
+
+def test_taylor_differs_from_l1_on_a_trained_model(cli, cnn_parent, tmp_path):
+    a = _prune(cli, cnn_parent, tmp_path / "l1", "l1")
+    b = _prune(cli, cnn_parent, tmp_path / "taylor", "taylor")
+    diff = [n for (n, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()) if not torch.equal(x, y)]
+    assert diff, "taylor chose exactly the channels l1 chose"
+
+
+def test_random_is_seeded(cli, cnn_parent, tmp_path):
+    a = _prune(cli, cnn_parent, tmp_path / "r1", "random", "0.5", "--seed", "7")
+    b = _prune(cli, cnn_parent, tmp_path / "r2", "random", "0.5", "--seed", "7")
+    c = _prune(cli, cnn_parent, tmp_path / "r3", "random", "0.5", "--seed", "8")
+    assert torch.equal(_kept(tmp_path / "r1"), _kept(tmp_path / "r2"))
+    assert not all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), c.model.state_dict().values()))
+
+
+def test_round_to_and_global(cli, cnn_parent, tmp_path):
+    lm = _prune(cli, cnn_parent, tmp_path / "r", "l2", "0.3", "--round-to", "4")
+    assert all(m.out_channels % 4 == 0 for m in lm.model.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels > 3)
+    g = _prune(cli, cnn_parent, tmp_path / "g", "l2", "0.5", "--global")
+    widths = {m.out_channels for m in g.model.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert len(widths) > 3  # global ranking gives non-uniform widths
+
+
+def test_sparsity_that_empties_a_layer_is_refused(cli, cnn_parent, tmp_path):
+    _, _, err = cli("prune", "--model", cnn_parent, "--sparsity", "0.95", "--out", tmp_path / "x", expect=2)
+    assert "would remove every one" in err and not (tmp_path / "x").exists()
+
+
+def test_kl_masking_equals_physical_removal(cnn_parent):
+    """The KL score of a channel is the KL of the network with that channel physically removed."""
+    lm = load_model_dir(cnn_parent)
+    ds = load_dataset(DataSpec("digits"))
+    spec = lm.record.input
+    calib = ds.calibration(48, 0)
+    model = lm.model
+    pruner, ffn = _make_pruner(model, spec, WidthConfig(sparsity=0.5))
+    infos = describe(pruner, model, ffn)
+    info = next(i for i in infos if len(i.producers) > 1)  # a residual-coupled group: the hard case
+    scores = kl_scores(model, [info], calib, spec, 64, "cpu")[info.key]
+    from compressor.data import to_model_input
+
+    x = to_model_input(calib.images, spec)
+    clone = copy.deepcopy(model)
+    dg = tp.DependencyGraph().build_dependency(clone, example_inputs=x[:1])
+    root = dict(clone.named_modules())[info.name]
+    dg.get_pruning_group(root, tp.prune_conv_out_channels, [3]).prune()
+    with torch.no_grad():
+        p = torch.log_softmax(model(x), 1)
+        q = torch.log_softmax(clone(x), 1)
+    kl = torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum").item() / len(x)
+    assert scores[3].item() == pytest.approx(kl, rel=1e-4, abs=1e-6)
+
+
+def test_greedy_removes_lowest_output_norm_first(cnn_parent):
+    from compressor.importance import greedy_output_norm_scores
+    from compressor.structures import capture_inputs
+    from compressor.data import to_model_input
+
+    lm = load_model_dir(cnn_parent)
+    ds = load_dataset(DataSpec("digits"))
+    spec, model = lm.record.input, lm.model
+    calib = ds.calibration(64, 0)
+    cfg = WidthConfig(metric="output-norm-greedy", sparsity=0.25)
+    pruner, ffn = _make_pruner(model, spec, cfg)
+    infos = describe(pruner, model, ffn)
+    _plan(infos, model, cfg)
+    info = next(i for i in infos if i.name == "layer1.0.conv1")  # the first independent group upstream of nothing pruned
+    scores = greedy_output_norm_scores(model, [info], calib, spec, 64, "cpu")[info.key]
+    consumer = info.consumers[0].module
+    with capture_inputs([consumer]) as seen, torch.no_grad():
+        model(to_model_input(calib.images, spec))
+    norms = seen[id(consumer)].pow(2).sum((0, 2, 3)).sqrt()
+    removed = set(torch.argsort(scores)[: info.n_remove].tolist())
+    assert removed == set(torch.argsort(norms)[: info.n_remove].tolist())
+
+
+@pytest.mark.parametrize("metric", ["l2", "random"])
+def test_vit_b16_parameter_deltas_match_seed_000(metric):
+    """Removing 25/50/75 % of heads and FFN neurons of ViT-B/16 (100 classes) removes exactly
+    21,249,792 / 42,499,584 / 63,749,376 parameters (seed 000, Table 5), whatever the metric."""
+    import timm
+
+    spec = InputSpec(3, 224, 224, (0.5,) * 3, (0.5,) * 3)
+    for s, removed in ((0.25, 21_249_792), (0.5, 42_499_584), (0.75, 63_749_376)):
+        m = timm.create_model("vit_base_patch16_224", num_classes=100).eval()
+        before = sum(p.numel() for p in m.parameters())
+        assert before == 85_875_556
+        prune_width(m, spec, WidthConfig(metric=metric, sparsity=s))
+        assert before - sum(p.numel() for p in m.parameters()) == removed
+        assert m(torch.zeros(1, 3, 224, 224)).shape == (1, 100)
