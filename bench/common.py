@@ -1,0 +1,75 @@
+"""Shared by the benchmark scripts: run the real CLI, describe the machine, update docs/benchmarks.md.
+
+Each script owns one section of docs/benchmarks.md, between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`;
+re-running a script replaces only its own section.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks.md"
+RUNS = ROOT / "bench-runs"
+FMNIST = "/usr/share/datasets/fashion-mnist"
+sys.path.insert(0, str(ROOT))
+
+
+def compress(*args, log: list[str] | None = None) -> float:
+    """Run `compress ARGS` as a user would; returns wall seconds. Exits on failure."""
+    cmd = ["compress", *map(str, args)]
+    shown = " ".join(shlex.quote(c) for c in cmd).replace(str(ROOT) + "/", "")
+    print(f"$ {shown}", flush=True)
+    if log is not None:
+        log.append(shown)
+    exe = Path(sys.executable).parent / "compress"
+    t0 = time.perf_counter()
+    r = subprocess.run([str(exe), *cmd[1:]], cwd=ROOT)
+    if r.returncode != 0:
+        sys.exit(f"benchmark step failed ({r.returncode}): {shown}")
+    return time.perf_counter() - t0
+
+
+def machine() -> str:
+    from profilers import sysinfo
+
+    return sysinfo.one_line(sysinfo.describe())
+
+
+def require_fashion_mnist() -> None:
+    if not Path(FMNIST, "train-images-idx3-ubyte.gz").exists():
+        sys.exit(f"Fashion-MNIST not found in {FMNIST} (apt-get install dataset-fashion-mnist)")
+
+
+def load(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def write_section(name: str, title: str, body: str, commands: list[str], started: float) -> None:
+    from compressor import atomic
+
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    mins = (time.time() - started) / 60
+    section = (f"<!-- bench:{name} -->\n## {title}\n\nMeasured {stamp} on {machine()}; the whole script took {mins:.0f} min.\n"
+               f"Reproduce: `.venv/bin/python bench/{name}.py`, which runs:\n\n```\n" + "\n".join(commands) + "\n```\n\n"
+               f"{body.strip()}\n<!-- /bench:{name} -->")
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    if start in text and end in text:
+        text = text[:text.index(start)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    atomic.write_text(DOC, text)
+    print(f"updated {DOC.relative_to(ROOT)} section '{name}'")
