@@ -18,7 +18,7 @@ tables = []
 for model, args in (("resnet20", ["--model", "resnet20"]), ("vit_cifar", ["--model", "vit_cifar"])):
     parent = base / model / "parent"
     if not (parent / "model.json").exists():
-        compress("finetune", *args, *DATA, "--epochs", "15", "--lr", "1e-3", "--weight-decay", "1e-4", "--out", parent,
+        compress("finetune", *args, *DATA, "--epochs", "15", "--lr", "1e-3", "--lr-schedule", "cosine", "--weight-decay", "1e-4", "--out", parent,
                  "--overwrite", "-q", log=log)
     cmp_dir = base / model / "compare"
     compress("compare", "--model", parent, *DATA, "--metrics", "l1,l2,random,taylor", "--sparsities", "0.25,0.5,0.75",

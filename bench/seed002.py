@@ -16,7 +16,7 @@ DATA = ["--data", "fashion-mnist", "--train-size", "8000", "--test-size", "2000"
 base = RUNS / "seed002"
 parent = base / "parent"
 if not (parent / "model.json").exists():
-    compress("finetune", "--model", "resnet32", *DATA, "--epochs", "15", "--lr", "1e-3", "--weight-decay", "1e-4",
+    compress("finetune", "--model", "resnet32", *DATA, "--epochs", "15", "--lr", "1e-3", "--lr-schedule", "cosine", "--weight-decay", "1e-4",
              "--out", parent, "--overwrite", "-q", log=log)
 LOOP = ["--structure", "auto", "--iterations", "6", "--candidate-epochs", "1", "--epochs-per-iteration", "1",
         "--calib-size", "100", "--seed", "0"]

@@ -35,14 +35,10 @@ class DataSpec:
 
 
 @dataclass
-class Dataset:
-    spec: DataSpec
-    classes: list[str]
-    train: ImageSet
-    test: ImageSet
-    channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+class Dataset(RawDataset):
+    """A loaded dataset after the spec's seeded subsetting; `spec` says how to load it again."""
+
+    spec: DataSpec | None = None
 
     @property
     def num_classes(self) -> int:
@@ -103,4 +99,4 @@ def load_dataset(spec: DataSpec, *, fake_shape: tuple[int, int, int] | None = No
         test = test.subset(balanced_subset(test.labels, spec.test_size, seed))
     if len(train) == 0 or len(test) == 0:
         raise UserError(f"dataset {spec.name} is empty")
-    return Dataset(spec, list(raw.classes), train, test, raw.channels, raw.mean, raw.std)
+    return Dataset(raw.name, list(raw.classes), train, test, raw.channels, raw.mean, raw.std, spec=spec)
