@@ -17,9 +17,8 @@ base = RUNS / "seed000"
 tables = []
 for model, args in (("resnet20", ["--model", "resnet20"]), ("vit_cifar", ["--model", "vit_cifar"])):
     parent = base / model / "parent"
-    if not (parent / "model.json").exists():
-        compress("finetune", *args, *DATA, "--epochs", "15", "--lr", "1e-3", "--lr-schedule", "cosine", "--weight-decay", "1e-4", "--out", parent,
-                 "--overwrite", "-q", log=log)
+    compress("finetune", *args, *DATA, "--epochs", "15", "--lr", "1e-3", "--lr-schedule", "cosine", "--weight-decay", "1e-4", "--out", parent,
+             "--overwrite", "-q", log=log, done=(parent / "model.json").exists())
     cmp_dir = base / model / "compare"
     compress("compare", "--model", parent, *DATA, "--metrics", "l1,l2,random,taylor", "--sparsities", "0.25,0.5,0.75",
              "--finetune-epochs", "5", "--calib-size", "3000", "--out", cmp_dir, "--resume" if cmp_dir.exists() else "--overwrite",

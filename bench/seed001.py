@@ -17,9 +17,8 @@ base = RUNS / "seed001"
 rows = []
 for model, args in (("vgg16_bn_cifar", ["--model", "vgg16_bn_cifar"]), ("resnet18", ["--model", "torchvision:resnet18", "--input-size", "32"])):
     parent = base / model / "parent"
-    if not (parent / "model.json").exists():
-        compress("finetune", *args, *DATA, "--epochs", "8", "--lr", "1e-3", "--lr-schedule", "cosine", "--weight-decay", "1e-4", "--out", parent,
-                 "--overwrite", "-q", log=log)
+    compress("finetune", *args, *DATA, "--epochs", "8", "--lr", "1e-3", "--lr-schedule", "cosine", "--weight-decay", "1e-4", "--out", parent,
+             "--overwrite", "-q", log=log, done=(parent / "model.json").exists())
     cmp_dir = base / model / "compare"
     compress("compare", "--model", parent, *DATA, "--metrics", "output-norm-greedy,l1,bn-scale", "--sparsities", "0.4",
              "--finetune-epochs", "3", "--optimizer", "sgd", "--lr", "1e-3", "--lr-schedule", "step", "--batch-size", "32",
