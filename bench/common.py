@@ -21,8 +21,8 @@ FMNIST = "/usr/share/datasets/fashion-mnist"
 sys.path.insert(0, str(ROOT))
 
 
-def compress(*args, log: list[str] | None = None, done: bool = False) -> float:
-    """Run `compress ARGS` as a user would; returns wall seconds. Exits on failure.
+def compress(*args, log: list[str] | None = None, done: bool = False) -> None:
+    """Run `compress ARGS` as a user would. Exits on failure.
 
     done=True: the output already exists from an earlier run of this script; only log the command,
     so the section still lists every command behind its numbers.
@@ -32,14 +32,12 @@ def compress(*args, log: list[str] | None = None, done: bool = False) -> float:
     if log is not None:
         log.append(shown)
     if done:
-        return 0.0
+        return
     print(f"$ {shown}", flush=True)
     exe = Path(sys.executable).parent / "compress"
-    t0 = time.perf_counter()
     r = subprocess.run([str(exe), *cmd[1:]], cwd=ROOT)
     if r.returncode != 0:
         sys.exit(f"benchmark step failed ({r.returncode}): {shown}")
-    return time.perf_counter() - t0
 
 
 def machine() -> str:

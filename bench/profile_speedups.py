@@ -8,7 +8,7 @@ started = time.time()
 log: list[str] = []
 base = RUNS / "profile"
 sections = []
-for model, extra in (("resnet56", []), ("vit_cifar", [])):
+for model in ("resnet56", "vit_cifar"):
     parent = base / model / "parent"
     # Latency does not depend on weight values: fresh weights, data-free l2 pruning.
     compress("prune", "--model", model, "--num-classes", "10", "--sparsity", "0", "--out", parent, "--overwrite", "-q", log=log)
@@ -30,7 +30,7 @@ for model, extra in (("resnet56", []), ("vit_cifar", [])):
                      "-" if not sp else f"{sp['realised_fraction']:.2f}"])
     sections.append(md_table(["model", "target", "batch", "MACs", "FLOPs red.", "FLOPs speedup", "p50 ms", "measured speedup [95% CI]",
                               "realised"], rows))
-body = ("ONNX Runtime 1.31 on the CPU, 10 interleaved rounds per target; children pruned uniformly with l2 "
+body = ("ONNX Runtime on the CPU, 10 interleaved rounds per target; children pruned uniformly with l2 "
         "(ViT: heads and FFN neurons, residual width kept). GPU rows are unmeasured: this session had no GPU.\n\n"
         + "\n\n".join(sections))
 write_section("profile_speedups", "Realised speedups on this CPU (issue 5)", body, log, started)

@@ -38,7 +38,7 @@ class DataSpec:
 class Dataset(RawDataset):
     """A loaded dataset after the spec's seeded subsetting; `spec` says how to load it again."""
 
-    spec: DataSpec | None = None
+    spec: DataSpec
 
     @property
     def num_classes(self) -> int:
