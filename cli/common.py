@@ -32,7 +32,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 Epochs = Annotated[int, typer.Option(help="Training epochs.")]
 BatchSize = Annotated[int, typer.Option(help="Training batch size.")]
-Optimizer = Annotated[str, typer.Option(help="adam (seed 000) or sgd (seeds 001/002).")]
+Optimizer = Annotated[str, typer.Option(help="adam (the metric-comparison study) or sgd (Lajić et al.; do Nascimento et al.).")]
 Lr = Annotated[Optional[float], typer.Option(help="Learning rate (default 1e-4 for adam, 1e-3 for sgd).")]
 WeightDecay = Annotated[float, typer.Option(help="Weight decay.")]
 Momentum = Annotated[float, typer.Option(help="SGD momentum.")]

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from compressor import atomic
-from compressor.compare import CompareConfig, run
+from orchestration.compare import CompareConfig, run
 from compressor.errors import UserError
 from compressor.workflows import Source, dataset_for, get_model, parse_model_args, pick_device
 
@@ -22,7 +22,7 @@ def compare(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output directory for the grid, tables and plots.")],
     metrics: Annotated[str, typer.Option(help="Comma list of metrics.")] = "l1,l2,random,taylor",
     sparsities: Annotated[str, typer.Option(help="Comma list of sparsities.")] = "0.25,0.5,0.75",
-    finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs per cell (seed 000: 50).")] = 5,
+    finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs per cell (the metric-comparison study: 50).")] = 5,
     scope: Annotated[str, typer.Option(help="ViT: comma list of heads, ffn, embed.")] = "heads,ffn",
     ffn_metric: Annotated[str, typer.Option(help="ViT: metric for FFN neurons.")] = "l2",
     global_ranking: Annotated[bool, typer.Option("--global", help="Rank across layers.")] = False,

@@ -16,7 +16,7 @@ from compressor.workflows import Source, finetune, get_model, pick_device, width
 from exporters.model_export import export_onnx
 from profilers import report
 from profilers.session import Settings, run as run_profile
-from profilers.targets import _from_loaded
+from profilers.targets import from_loaded
 
 from . import common as c
 from .output import emit, out as console_out
@@ -60,7 +60,7 @@ def demo(
         ex_b = export_onnx(baseline, tmp / "baseline.onnx")
         ex_f = export_onnx(tuned, tmp / "finetuned.onnx")
         rep.log("5/5 profiling both with ONNX Runtime on this CPU (interleaved rounds)")
-        doc = run_profile([_from_loaded("finetuned", tuned)], _from_loaded("baseline", baseline),
+        doc = run_profile([from_loaded("finetuned", tuned)], from_loaded("baseline", baseline),
                           Settings(backends=("onnxruntime",), batch_sizes=(1, 32), rounds=10), rep)
         report.write_all(doc, tmp / "profile")
     b, p, f = baseline.record.metrics, summary["after"], tuned.record.metrics

@@ -41,7 +41,7 @@ def export(
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
     if calib_size < 1 or check_size < 1:
         raise UserError("--calib-size and --check-size must be >= 1")
-    atomic.check_output_path(out, overwrite)
+    atomic.check_output_path(out, overwrite, kind="file")
     lm = load_model_dir(directory)
     if format == "onnx":
         rep = export_onnx(lm, out, precision, data, tolerance, calib_size, check_size)

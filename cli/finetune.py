@@ -94,7 +94,7 @@ def finetune(
     ds = dataset_for(data, data_dir, train_size, test_size, download)
     lm = get_model(src, ds)
     if ds is None:
-        ds = dataset_for(None, None, None, None, False, lm.record) or dataset_for("digits", None, None, None, False)
+        ds = dataset_for(None, None, train_size, test_size, False, lm.record) or dataset_for("digits", None, train_size, test_size, False)
         check_feedable(ds, lm.record.input, lm.record.num_classes, str(directory or model))
     cfg = c.train_config(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
                          momentum=momentum, nesterov=nesterov, schedule=lr_schedule, milestones=milestones, augment=augment,
@@ -103,6 +103,7 @@ def finetune(
                          dataset=ds.spec.name, device=dev)
     if overwrite and out_dir.exists():
         shutil.rmtree(out_dir)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     from compressor.workflows import measure
 
@@ -114,6 +115,10 @@ def finetune(
         console.print(f"interrupted: completed epochs are checkpointed in {out_dir / CHECKPOINT_DIR}; "
                       f"re-run the same command with --resume to continue")
         raise typer.Exit(130)
+    except UserError:
+        if created:  # a run that failed (diverged, bad data) leaves nothing worth resuming
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     atomic.write_json(out_dir / "history.json", result.history)
     write_model_files(out_dir, model_out, rec)
     _print_history(result.history)

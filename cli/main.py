@@ -6,6 +6,8 @@ Exit codes: 0 success; 1 a CI gate failed or an internal error; 2 bad input (not
 
 from __future__ import annotations
 
+import errno
+import signal
 import sys
 import traceback
 
@@ -67,6 +69,16 @@ def run(argv: list[str] | None = None) -> int:
     except GateFailed as e:
         print(f"gate failed: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # the file system said no: one line naming the file and why
+        if debug:
+            traceback.print_exc()
+        where = f" ({e.filename})" if e.filename else ""
+        reason = e.strerror or type(e).__name__
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO):
+            _err(f"writing failed: {reason}{where}; nothing was finished")
+            return 1
+        _err(f"{reason}{where}")
+        return 2
     except Exception as e:  # anything else is our bug: one line unless --debug
         if debug:
             traceback.print_exc()
@@ -78,4 +90,6 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main() -> None:
+    if hasattr(signal, "SIGXFSZ"):  # a file-size limit then fails the write (EFBIG) instead of killing us
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     sys.exit(run())

@@ -57,9 +57,9 @@ def profile(
     g = gates_mod.Gates(assert_speedup, assert_realised, max_latency_ms, against, gates_mod.parse_tolerance(tolerance))
     if against is not None and not against.is_file():
         raise UserError(f"--against {against} does not exist")
-    for p in (json_out, out_dir):
+    for p, kind in ((json_out, "file"), (out_dir, "dir")):
         if p is not None:
-            atomic.check_output_path(p, overwrite)
+            atomic.check_output_path(p, overwrite, kind=kind)
     if (assert_speedup is not None or assert_realised is not None) and baseline is None and not any(
             (Path(t) / "compare.json").is_file() for t in targets):
         raise UserError("--assert-speedup/--assert-realised need --baseline (or a compare run)")

@@ -60,10 +60,10 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
-def _json_default(o):
+def json_default(o):
     import numpy as np
 
     if isinstance(o, (np.integer,)):
@@ -81,7 +81,7 @@ def _json_default(o):
 def temp_path_for(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path next to `path`; on success rename it onto `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_parents(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)
@@ -89,24 +89,52 @@ def temp_path_for(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
+        made = []
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        _remove_made(made)
 
 
-def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse to clobber an existing output unless asked; fail before any work is done."""
+def check_output_path(path: str | os.PathLike, overwrite: bool, kind: str = "dir") -> Path:
+    """Refuse an output that cannot be written, before any work is done and without creating anything:
+    an existing output without --overwrite, a file where a directory is wanted (or the reverse), a parent
+    that is a file or not writable, a name too long for the file system."""
     path = Path(path)
+    for part in path.parts:
+        if len(os.fsencode(part)) > 255:
+            raise UserError(f"output name {part[:40]}... is longer than the file system allows (255 bytes)")
     if path.exists() and not overwrite:
         raise UserError(f"output {path} already exists (pass --overwrite to replace it)")
-    if path.parent and not path.parent.exists():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create the parent directory of {path}: {e.strerror}") from None
-    if not os.access(path.parent if str(path.parent) else ".", os.W_OK):
-        raise UserError(f"cannot write to {path.parent}: permission denied")
+    if kind == "file" and path.is_dir():
+        raise UserError(f"output {path} is a directory; give a file name")
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise UserError(f"output {path} is a file; give a directory name")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        raise UserError(f"cannot write {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK):
+        raise UserError(f"cannot write to {ancestor}: permission denied")
     return path
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """Create the missing parents of `path`; return them, deepest first, so a failure can remove them."""
+    made = []
+    p = path.parent
+    while not p.exists():
+        made.append(p)
+        p = p.parent
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _remove_made(made: list[Path]) -> None:
+    for d in made:
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 @contextlib.contextmanager
@@ -116,13 +144,14 @@ def staged_dir(path: str | os.PathLike) -> Iterator[Path]:
     An existing directory at `path` is replaced only after the new one is complete.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_parents(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_made(made)  # parents made for an output that never came
         raise
 
 

@@ -100,7 +100,7 @@ def kl_scores(model: nn.Module, infos: list[GroupInfo], calib: ImageSet, spec: I
               device, reporter: Reporter = QUIET) -> dict[tuple[int, str], torch.Tensor]:
     """KL(parent || parent without the unit) on the calibration set, per unit (Luo & Wu 2020).
 
-    Computed from logits (log-softmax once); seed 002's release applies softmax twice, we do not.
+    Computed from logits (log-softmax once); do Nascimento et al.'s release applies softmax twice, we do not.
     """
     model.eval()
     batches = _batches(calib, spec, batch_size, device)

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,13 @@ def _json_attr(v):
     return list(v) if isinstance(v, tuple) else v
 
 
+def _derived(module: nn.Module, attr: str) -> bool:
+    """A read-only property (timm's ConvNormAct.out_channels...): computed from the inner modules, which
+    are recorded themselves, so it is neither recorded nor set."""
+    prop = getattr(type(module), attr, None)
+    return isinstance(prop, property) and prop.fset is None
+
+
 def structure_diff(model: nn.Module, reference: nn.Module) -> dict[str, dict]:
     """Modules of `model` whose tracked attributes or tensor shapes differ from `reference`."""
     ref = dict(reference.named_modules())
@@ -116,6 +124,8 @@ def structure_diff(model: nn.Module, reference: nn.Module) -> dict[str, dict]:
             continue
         attrs = {}
         for a in TRACKED_ATTRS:
+            if _derived(m, a):
+                continue
             if hasattr(m, a) and hasattr(r, a) and getattr(m, a) != getattr(r, a):
                 v = getattr(m, a)
                 if isinstance(v, (int, float, tuple, list)):
@@ -146,14 +156,22 @@ def apply_structure(model: nn.Module, changed: dict[str, dict]) -> None:
         m = modules.get(name)
         if m is None:
             raise UserError(f"model.json names module '{name}', which the architecture does not have")
+        if not isinstance(ch, dict) or not isinstance(ch.get("attrs", {}), dict) or not isinstance(ch.get("tensors", {}), dict):
+            raise UserError(f"model.json: changed_modules['{name}'] must map attrs and tensors")
         for a, v in ch.get("attrs", {}).items():
             if a not in TRACKED_ATTRS:
                 raise UserError(f"model.json sets unknown attribute '{a}' on {name}")
+            if not isinstance(v, (int, float, list)) or isinstance(v, bool) or (isinstance(v, (int, float)) and v < 0):
+                raise UserError(f"model.json sets {name}.{a} to {v!r}; expected a non-negative number or a list")
+            if _derived(m, a):
+                continue  # older records list these too; the inner modules carry the shape
             setattr(m, a, tuple(v) if isinstance(v, list) else v)
         own = _module_tensors(m)
         for t, shape in ch.get("tensors", {}).items():
             if t not in own:
                 raise UserError(f"model.json reshapes '{name}.{t}', which does not exist")
+            if not isinstance(shape, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in shape):
+                raise UserError(f"model.json gives '{name}.{t}' the shape {shape!r}; shapes are lists of positive integers")
             new = torch.empty(*[int(s) for s in shape], dtype=own[t].dtype)
             if isinstance(own[t], nn.Parameter):
                 setattr(m, t, nn.Parameter(new, requires_grad=own[t].requires_grad))
@@ -187,21 +205,55 @@ def run_info(stage: str, settings: dict, parent: str | None, metrics: dict, seed
 
 
 def write_model_files(directory: str | os.PathLike, model: nn.Module, record: ModelRecord) -> ModelRecord:
-    """Write weights then model.json (last, so a complete model.json means a complete directory)."""
+    """Write weights then model.json (last, so a complete model.json means a complete directory).
+
+    Before model.json is written the model is rebuilt from the record and the weights file exactly as
+    every later command will load it, and must compute what the in-memory model computes: a directory
+    that cannot be read back is never finished."""
     from safetensors.torch import save_file
 
+    broken = [n for n, t in model.named_parameters() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:
+        raise UserError(f"refusing to write a model with non-finite weights (NaN or inf in {broken[0]})")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     fresh = build(record.arch, record.num_classes)
     remove_blocks(fresh, record.removed_blocks)
     record.changed_modules = structure_diff(model, fresh)
+    del fresh
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     with atomic.temp_path_for(directory / WEIGHTS) as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT})
         digest, size = atomic.sha256_file(tmp), tmp.stat().st_size
-    record.weights = {"file": WEIGHTS, "sha256": digest, "bytes": size, "dtype": str(next(iter(state.values())).dtype).replace("torch.", "")}
+        record.weights = {"file": WEIGHTS, "sha256": digest, "bytes": size,
+                          "dtype": str(next(iter(state.values())).dtype).replace("torch.", "")}
+        verify_reload(model, record, tmp)
     atomic.write_json(directory / SPEC, record.to_json())
     return record
+
+
+def verify_reload(model: nn.Module, record: ModelRecord, weights: Path) -> None:
+    """Rebuild from the JSON form of `record` and `weights`; refuse unless it computes what `model` does."""
+    rec = ModelRecord.from_json(json.loads(json.dumps(record.to_json(), default=atomic.json_default)))
+    try:
+        again = rebuild(rec, weights, None)
+    except UserError as e:
+        raise UserError(f"refusing to write a model directory that would not load again: {e}") from None
+    except Exception as e:  # a module whose shape cannot be restored from the record
+        raise UserError(f"refusing to write a model directory that would not load again: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160] if str(e) else ''}") from None
+    spec = record.input
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    x = torch.randn(2, spec.channels, spec.height, spec.width, generator=torch.Generator().manual_seed(0)).to(device)
+    was_training = model.training
+    with torch.no_grad():
+        want = model.eval()(x).float().cpu()
+        got = again.to(device)(x).float().cpu()
+    model.train(was_training)
+    if want.shape != got.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5, equal_nan=True):
+        diff = (got - want).abs().max().item() if want.shape == got.shape else float("nan")
+        raise UserError(f"refusing to write a model directory that would not load again: the reloaded "
+                        f"{type(model).__name__} differs from the pruned one (max |diff| {diff:.3g})")
 
 
 def save_model_dir(path: str | os.PathLike, model: nn.Module, record: ModelRecord) -> ModelRecord:
@@ -248,25 +300,34 @@ def load_weights_file(path: Path, expected_sha: str | None = None) -> dict[str, 
 def load_model_dir(path: str | os.PathLike) -> LoadedModel:
     path = Path(path)
     record = read_record(path)
+    return LoadedModel(rebuild(record, path / WEIGHTS, record.weights.get("sha256")), record, path)
+
+
+def rebuild(record: ModelRecord, weights: Path, expected_sha: str | None) -> nn.Module:
+    """The architecture from the record, reshaped as recorded, with the weights file loaded."""
     model = build(record.arch, record.num_classes)
     remove_blocks(model, record.removed_blocks)
     apply_structure(model, record.changed_modules)
-    state = load_weights_file(path / WEIGHTS, record.weights.get("sha256"))
+    state = load_weights_file(weights, expected_sha)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
     if missing or extra:
         what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
-        raise UserError(f"{path / WEIGHTS} does not fit the architecture in model.json: {what}")
+        raise UserError(f"{weights} does not fit the architecture in model.json: {what}")
     for k, v in own.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise UserError(
-                f"{path / WEIGHTS} disagrees with model.json: {k} has shape {tuple(state[k].shape)}, "
+                f"{weights} disagrees with model.json: {k} has shape {tuple(state[k].shape)}, "
                 f"model.json implies {tuple(v.shape)}"
             )
+    # Modules that version their state-dict layout (torchvision's MNASNet) read it from the metadata,
+    # which safetensors does not keep: it is the layout of the architecture just built.
+    state = OrderedDict(state)
+    state._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
     model.load_state_dict(state, strict=True)
     model.eval()
-    return LoadedModel(model, record, path)
+    return model
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:

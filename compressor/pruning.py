@@ -7,6 +7,8 @@ Attention modules consistent after heads are removed.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -17,7 +19,7 @@ import torch_pruning as tp
 from . import importance as imp
 from .data import ImageSet, InputSpec
 from .errors import UserError
-from .models import get_classifier, is_vit
+from .models import clone, get_classifier, is_vit
 from .progress import QUIET, Reporter
 from .structures import GroupInfo, describe
 
@@ -46,6 +48,7 @@ class WidthReport:
     groups: list[dict] = field(default_factory=list)
     layers: dict[str, list[int]] = field(default_factory=dict)  # module -> [before, after] output width
     heads: dict[str, list[int]] = field(default_factory=dict)
+    left_alone: dict[str, str] = field(default_factory=dict)  # group root -> why torch-pruning cannot remove it
 
 
 def validate(cfg: WidthConfig) -> None:
@@ -74,39 +77,115 @@ def _widths(model: nn.Module) -> dict[str, int]:
     return out
 
 
+def round_kept(keep: int, width: int, multiple: int) -> int:
+    """The kept width rounded to the nearest multiple, never below one multiple nor above the width."""
+    return min(width, max(multiple, (2 * keep + multiple) // (2 * multiple) * multiple))
+
+
 def _local_quota(n: int, s: float, round_to: int | None) -> int:
-    """Units torch-pruning removes from a group of n at ratio s (its own arithmetic)."""
+    """Units torch-pruning removes from a group of n at ratio s (its own arithmetic, rounded as _Pruner does)."""
     keep = int(n * (1 - s))
-    if round_to:
-        keep -= keep % round_to
+    if round_to and keep < n:
+        keep = round_kept(keep, n, round_to)
     return n - keep
 
 
-def _make_pruner(model: nn.Module, spec: InputSpec, cfg: WidthConfig):
+class _Pruner(tp.pruner.BasePruner):
+    """torch-pruning's pruner with `round_to` rounding the kept width to the nearest multiple (its own
+    rounds down, which empties a 16-channel layer at --round-to 16 and 25 %)."""
+
+    def _round_to(self, n_pruned, current_channels, round_to):
+        return current_channels - round_kept(current_channels - n_pruned, current_channels, round_to)
+
+
+def _mlp_fc1s(model: nn.Module) -> list[nn.Linear]:
+    """The first layer of every fc1/fc2 MLP (a transformer's FFN): its outputs are the FFN neurons."""
+    out = []
+    for m in model.modules():
+        first = getattr(m, "fc1", None) if hasattr(m, "fc2") else getattr(m, "ln1", None) if hasattr(m, "ln2") else None
+        if first is None and isinstance(m, nn.Sequential) and type(m).__name__.lower() in ("mlp", "mlpblock"):
+            linears = [c for c in m if isinstance(c, nn.Linear)]  # torchvision's MLP: Linear, act, drop, Linear, drop
+            first = linears[0] if len(linears) == 2 else None
+        first = getattr(first, "linear", first)  # LeViT's MLP layers are LinearNorm (linear + BatchNorm1d)
+        if isinstance(first, nn.Linear):
+            out.append(first)
+    return out
+
+
+MAX_GROUP_ITEMS = 5_000  # real groups are far smaller (measured: ViT-B/16 180, DenseNet-121 102, ResNet-50 33)
+
+
+class GraphBlowUp(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _bounded_groups():
+    """torch-pruning re-walks a group while index mappings keep changing the indices; on residuals that add
+    into a channel slice (ReXNet) that never settles. Bound it and refuse instead of running for ever."""
+    from torch_pruning.dependency.group import Group
+
+    original = Group.add_dep
+
+    def add_dep(self, dep, idxs):
+        if len(self._group) >= MAX_GROUP_ITEMS:
+            raise GraphBlowUp()
+        original(self, dep, idxs)
+
+    Group.add_dep = add_dep
+    try:
+        yield
+    finally:
+        Group.add_dep = original
+
+
+def _make_pruner(model: nn.Module, spec: InputSpec, cfg: WidthConfig, skip: frozenset[str] = frozenset()):
+    """torch-pruning's pruner for this model; groups rooted at a module named in `skip` are left alone."""
+    try:
+        with _bounded_groups():
+            return _build_pruner(model, spec, cfg, skip)
+    except GraphBlowUp:
+        raise UserError(f"torch-pruning's dependency graph for {type(model).__name__} does not settle (more than "
+                        f"{MAX_GROUP_ITEMS:,} coupled layers in one group: residuals that add into a slice of the "
+                        "channels, as in ReXNet); refused") from None
+
+
+def _build_pruner(model: nn.Module, spec: InputSpec, cfg: WidthConfig, skip: frozenset[str]):
     example = torch.zeros(1, spec.channels, spec.height, spec.width, device=next(model.parameters()).device)
     head = get_classifier(model)
-    common = dict(global_pruning=cfg.global_ranking, round_to=cfg.round_to, ignored_layers=[head])
+    by_name = dict(model.named_modules())
+    ignored = [head] + [by_name[n] for n in sorted(skip) if n in by_name]
+    common = dict(global_pruning=cfg.global_ranking, round_to=cfg.round_to)
     placeholder = tp.importance.GroupMagnitudeImportance(p=2)
+    fc1s = _mlp_fc1s(model)
     if not is_vit(model):
-        pruner = tp.pruner.BasePruner(model, example, placeholder, pruning_ratio=cfg.sparsity,
-                                      root_module_types=[nn.modules.conv._ConvNd], **common)
-        return pruner, set()
+        if not fc1s:
+            pruner = _Pruner(model, example, placeholder, pruning_ratio=cfg.sparsity, ignored_layers=ignored,
+                                          root_module_types=[nn.modules.conv._ConvNd], **common)
+            return pruner, set()
+        # Hybrids and non-timm-Attention transformers (Swin, MobileViT...): channels of convs and FFN neurons;
+        # a group that also writes through another linear layer (a residual stream) is left alone.
+        fc1_ids = {id(f) for f in fc1s}
+        others = [m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in fc1_ids]
+        pruner = _Pruner(model, example, placeholder, pruning_ratio=cfg.sparsity,
+                                      ignored_layers=ignored + others,
+                                      root_module_types=[nn.modules.conv._ConvNd, nn.Linear], **common)
+        return pruner, fc1_ids
     from timm.layers import Attention
 
     attns = [m for m in model.modules() if isinstance(m, Attention)]
     for a in attns:
         if not hasattr(a, "attn_dim"):
             raise UserError("head pruning needs a timm whose Attention has attn_dim (timm >= 1.0.20)")
-    fc1s = [m.fc1 for m in model.modules() if hasattr(m, "fc1") and hasattr(m, "fc2") and isinstance(m.fc1, nn.Linear)]
     s = cfg.sparsity
     # torch-pruning only reaches its head-removal step for an attention group with a non-zero width
     # ratio; prune_head_dims=False keeps head_dim intact, so the ratio on qkv removes whole heads only.
     ratios = {a.qkv: (s if "heads" in cfg.scope else 0.0) for a in attns}
     ratios.update({f: (s if "ffn" in cfg.scope else 0.0) for f in fc1s})
-    pruner = tp.pruner.BasePruner(
+    pruner = _Pruner(
         model, example, placeholder, pruning_ratio=s if "embed" in cfg.scope else 0.0, pruning_ratio_dict=ratios,
         num_heads={a.qkv: a.num_heads for a in attns}, prune_num_heads="heads" in cfg.scope, prune_head_dims=False,
-        head_pruning_ratio=s if "heads" in cfg.scope else 0.0,
+        head_pruning_ratio=s if "heads" in cfg.scope else 0.0, ignored_layers=ignored,
         root_module_types=[nn.modules.conv._ConvNd, nn.Linear], **common,
     )
     return pruner, {id(f) for f in fc1s}
@@ -183,40 +262,137 @@ def _fix_attention(model: nn.Module, pruner) -> dict[str, list[int]]:
     return heads
 
 
-def prune_width(model: nn.Module, spec: InputSpec, cfg: WidthConfig, calib: ImageSet | None = None,
-                device: str | torch.device = "cpu", reporter: Reporter = QUIET) -> WidthReport:
-    """Prune `model` in place. Returns per-layer widths before/after."""
-    validate(cfg)
-    model.eval()
-    before = _widths(model)
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
+class SurgeryFailed(Exception):
+    """torch-pruning's surgery raised, or left a model that no longer runs."""
+
+
+def _prune_once(model: nn.Module, spec: InputSpec, cfg: WidthConfig, skip: frozenset[str], calib, device,
+                reporter: Reporter, cheap: bool = False) -> tuple[list[GroupInfo], dict]:
+    """One torch-pruning pass leaving the groups rooted in `skip` alone. `cheap` ranks by magnitude:
+    only used to find which groups torch-pruning cannot remove (that does not depend on the ranking).
+    Raises UserError for a request that cannot be met, SurgeryFailed when torch-pruning breaks the model."""
     try:
-        pruner, ffn_ids = _make_pruner(model, spec, cfg)
-        infos = describe(pruner, model, ffn_ids)
-        if not _plan(infos, model, cfg):
-            raise UserError("nothing to prune: the model has no prunable structure in the chosen scope")
-        if not any(i.n_remove for i in infos):
-            return WidthReport()  # a sparsity too small to remove a whole unit anywhere
+        pruner, ffn_ids = _make_pruner(model, spec, cfg, skip)
+    except UserError:
+        raise
+    except Exception as e:  # tracing failures: architectures torch-pruning does not cover
+        raise UserError(f"torch-pruning cannot prune {type(model).__name__}: {_first_line(e)}") from None
+    infos = describe(pruner, model, ffn_ids)
+    if not _plan(infos, model, cfg):
+        raise UserError("nothing to prune: the model has no prunable structure in the chosen scope")
+    if not any(i.n_remove for i in infos):
+        return infos, {}
+    if cheap:
+        pruner.importance = tp.importance.GroupMagnitudeImportance(p=2)
+    else:
         pruner.importance = _importance(model, pruner, infos, spec, cfg, calib, device, reporter)
-        torch.manual_seed(cfg.seed)  # the random metric draws from torch's global generator
+    torch.manual_seed(cfg.seed)  # the random metric draws from torch's global generator
+    try:
         with torch.no_grad():
             pruner.step()
         model.zero_grad(set_to_none=True)
         heads = _fix_attention(model, pruner) if is_vit(model) else {}
+        check_runs(model, spec, "after pruning")
+    except UserError as e:
+        raise SurgeryFailed(str(e)) from None
+    except Exception as e:
+        raise SurgeryFailed(_first_line(e)) from None
+    return infos, heads
+
+
+def _fails(original: nn.Module, spec: InputSpec, cfg: WidthConfig, skip: frozenset[str], device) -> str | None:
+    """Why pruning a copy with `skip` left alone breaks it (None if it works or prunes nothing)."""
+    trial = clone(original)
+    try:
+        _prune_once(trial, spec, cfg, skip, None, device, QUIET, cheap=True)
+    except SurgeryFailed as e:
+        return str(e)
     except UserError:
-        raise
-    except Exception as e:  # tracing and surgery failures come from architectures torch-pruning does not cover
-        raise UserError(f"torch-pruning cannot prune {type(model).__name__}: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:160] if str(e) else ''}") from None
+        return None
+    return None
+
+
+def find_unprunable(original: nn.Module, spec: InputSpec, cfg: WidthConfig, names: list[str], device,
+                    reporter: Reporter = QUIET) -> dict[str, str]:
+    """The groups (by root name) whose removal torch-pruning gets wrong, found by bisection: prune only a
+    half of the suspects on a copy; a half that works is cleared, a failing half is split again."""
+    bad: dict[str, str] = {}
+    everything = frozenset(names)
+    stack = [list(names)]
+    with reporter.task("finding layers torch-pruning cannot prune", total=None) as task:
+        while stack:
+            part = stack.pop()
+            why = _fails(original, spec, cfg, everything - frozenset(part), device)
+            task(1)
+            if why is None:
+                continue
+            if len(part) == 1:
+                bad[part[0]] = why
+                continue
+            mid = len(part) // 2
+            stack += [part[mid:], part[:mid]]
+    return bad
+
+
+def prune_width(model: nn.Module, spec: InputSpec, cfg: WidthConfig, calib: ImageSet | None = None,
+                device: str | torch.device = "cpu", reporter: Reporter = QUIET) -> WidthReport:
+    """Prune `model` in place. Returns per-layer widths before/after, and the groups left alone.
+
+    Where torch-pruning cannot remove some group correctly (its surgery breaks the model), those groups
+    are found, left alone and reported, and the rest is pruned."""
+    validate(cfg)
+    model.eval()
+    before = _widths(model)
+    original = clone(model)
+    left_alone: dict[str, str] = {}
+    try:
+        infos, heads = _prune_once(model, spec, cfg, frozenset(), calib, device, reporter)
+    except SurgeryFailed as e:
+        first = str(e)
+        names = [i.name for i in describe(*_pruner_and_ffn(original, spec, cfg))]
+        left_alone = find_unprunable(original, spec, cfg, names, device, reporter)
+        if not left_alone or len(left_alone) == len(names):
+            raise UserError(f"torch-pruning cannot prune {type(model).__name__}: {first}") from None
+        _restore(model, original)
+        try:
+            infos, heads = _prune_once(model, spec, cfg, frozenset(left_alone), calib, device, reporter)
+        except SurgeryFailed as e2:
+            raise UserError(f"torch-pruning cannot prune {type(model).__name__}: {e2}") from None
     after = _widths(model)
     empty = [n for n, w in after.items() if w == 0]
     if empty:
         raise UserError(f"pruning left {empty[0]} with no channels; lower --sparsity")
-    check_runs(model, spec, "after pruning")
+    if cfg.sparsity > 0 and after == before and not any(v[0] != v[1] for v in heads.values()):
+        why = "; ".join(f"{k}: {v}" for k, v in list(left_alone.items())[:2]) or "no group lost a whole unit"
+        raise UserError(f"nothing was pruned at sparsity {cfg.sparsity} ({why}); nothing written")
     return WidthReport(
         groups=[{"group": i.name, "kind": i.kind, "units": i.n_units, "planned_removal": i.n_remove} for i in infos if i.n_remove],
         layers={n: [before[n], after[n]] for n in after if n in before and before[n] != after[n]},
         heads={k: v for k, v in heads.items() if v[0] != v[1]},
+        left_alone=left_alone,
     )
+
+
+def _pruner_and_ffn(model: nn.Module, spec: InputSpec, cfg: WidthConfig):
+    pruner, ffn_ids = _make_pruner(model, spec, cfg)
+    return pruner, model, ffn_ids
+
+
+def _restore(model: nn.Module, original: nn.Module) -> None:
+    """Put `original`'s modules back into `model` (whose surgery failed half-way)."""
+    for name, child in list(original.named_children()):
+        setattr(model, name, clone(child))
+    for name, p in original.named_parameters(recurse=False):
+        setattr(model, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+    for name, b in original.named_buffers(recurse=False):
+        model.register_buffer(name, None if b is None else b.clone())
+    for k, v in vars(original).items():
+        if not k.startswith("_") and k != "training":
+            setattr(model, k, copy.deepcopy(v))
 
 
 def check_runs(model: nn.Module, spec: InputSpec, when: str) -> None:
@@ -228,3 +404,77 @@ def check_runs(model: nn.Module, spec: InputSpec, when: str) -> None:
     except Exception as e:
         raise UserError(f"{type(model).__name__} does not run {when} on {spec.channels}x{spec.height}x{spec.width} inputs "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+
+
+# ----------------------------------------------------------------------------- per-group widths (latency-aware)
+def unit_scores(model: nn.Module, spec: InputSpec, cfg: WidthConfig, calib: ImageSet | None = None,
+                device: str | torch.device = "cpu", reporter: Reporter = QUIET):
+    """(pruner, groups, {group name: importance per unit}) for CNN channel groups, scores comparable
+    across groups (magnitude-type metrics divided by their group's mean, as torch-pruning's global
+    ranking does; kl is an absolute damage already)."""
+    import numpy as np
+
+    if is_vit(model):
+        raise UserError("latency-aware pruning handles CNN channels; for a ViT use --sparsity")
+    validate(cfg)
+    model.eval()
+    pruner, ffn_ids = _make_pruner(model, spec, cfg)
+    infos = [i for i in describe(pruner, model, ffn_ids) if i.n_units > 1]
+    if not infos:
+        raise UserError("nothing to prune: the model has no prunable channel group")
+    for i in infos:
+        i.n_remove = i.n_units - 1  # score every unit
+    scorer = _importance(model, pruner, infos, spec, cfg, calib, device, reporter)
+    torch.manual_seed(cfg.seed)
+    scores = {}
+    for i in infos:
+        s = scorer(i.group)
+        if s is None:
+            raise UserError(f"metric {cfg.metric} gives no scores for {i.name}")
+        s = s.detach().float().cpu().numpy().astype(np.float64)
+        if cfg.metric not in ("kl",) and s.mean() > 0:
+            s = s / s.mean()
+        scores[i.name] = s
+    model.zero_grad(set_to_none=True)
+    return pruner, infos, scores
+
+
+def layer_groups(pruner, infos: list[GroupInfo], model: nn.Module) -> dict[str, tuple[str | None, str | None]]:
+    """For every conv/linear layer, the group that sets its input width and the one that sets its output
+    width (None: fixed). A layer whose input joins several groups (a concatenation) is refused."""
+    names = {id(m): n for n, m in model.named_modules()}
+    ins: dict[str, list[str]] = {}
+    outs: dict[str, str] = {}
+    for info in infos:
+        for dep, _ in info.group:
+            m = dep.target.module
+            if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+                continue
+            n = names[id(m)]
+            if pruner.DG.is_out_channel_pruning_fn(dep.handler):
+                outs[n] = info.name
+            elif info.name not in ins.setdefault(n, []):
+                ins[n].append(info.name)
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            if len(ins.get(n, [])) > 1:
+                raise UserError(f"latency-aware pruning cannot model {n}: its input concatenates several channel "
+                                "groups (DenseNet/Inception-style); use --sparsity")
+            out[n] = ((ins.get(n) or [None])[0], outs.get(n))
+    return out
+
+
+def apply_widths(model: nn.Module, spec: InputSpec, pruner, infos: list[GroupInfo], remove: dict[str, list[int]]) -> dict:
+    """Remove the given root indices from each named group (torch-pruning surgery); returns widths before/after."""
+    before = _widths(model)
+    by_name = {i.name: i for i in infos}
+    with torch.no_grad():
+        for name, idxs in remove.items():
+            if not idxs:
+                continue
+            dep = by_name[name].group[0].dep
+            pruner.DG.get_pruning_group(dep.target.module, dep.handler, idxs).prune()
+    check_runs(model, spec, "after pruning")
+    after = _widths(model)
+    return {n: [before[n], after[n]] for n in after if n in before and before[n] != after[n]}

@@ -6,7 +6,6 @@ where the directory goes.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from profilers.flops import count
+from .flops import count
 
 from .data import DataSpec, Dataset, InputSpec, load_dataset
 from .errors import UserError
@@ -22,7 +21,7 @@ from .evaluate import evaluate
 from .finetune import TrainConfig, TrainResult, train
 from .layers import choose_blocks, removable, score_blocks
 from .modeldir import LoadedModel, ModelRecord, load_model_dir, remove_blocks, run_info
-from .models import ArchSpec, build, default_input, pretrained_normalisation, resolve
+from .models import ArchSpec, build, clone, default_input, pretrained_normalisation, resolve
 from .progress import QUIET, Reporter
 from .pruning import WidthConfig, check_runs, prune_width
 
@@ -57,8 +56,9 @@ def load_state_file(path: Path, trust_pickle: bool) -> dict:
         what = blocked.split("GLOBAL", 1)[-1].split(" was not", 1)[0].strip()
         raise UserError(f"{path} holds Python objects ({what}), not just tensors; refused without --trust-pickle "
                         "(which executes code from the file)") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:160]}") from None
+    except Exception as e:  # a corrupt file can fail anywhere inside the reader
+        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise UserError(f"cannot read checkpoint {path}: {first}") from None
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if isinstance(obj, dict):
@@ -133,7 +133,7 @@ def get_model(src: Source, ds: Dataset | None) -> LoadedModel:
         if src.input_size < 8:
             raise UserError("--input-size must be at least 8")
         if source == "timm" or (source == "compress" and name == "vit_cifar"):
-            kwargs["img_size"] = src.input_size
+            kwargs["img_size"] = src.input_size  # dropped below for the models that take any size
     classes = src.num_classes or (ds.num_classes if ds is not None else (10 if source == "compress" else 1000))
     if ds is not None and classes != ds.num_classes:
         raise UserError(f"--num-classes {classes} but dataset {ds.spec.name} has {ds.num_classes} classes")
@@ -141,7 +141,17 @@ def get_model(src: Source, ds: Dataset | None) -> LoadedModel:
         raise UserError("vgg16_bn_cifar has five 2x2 poolings: --input-size must be a multiple of 32")
     arch = ArchSpec(source, name, kwargs)
     torch.manual_seed(src.seed)
-    model = build(arch, classes, pretrained=src.pretrained)
+    try:
+        model = build(arch, classes, pretrained=src.pretrained)
+    except UserError as e:
+        # ViTs, Swin and LeViT fix their input size in the constructor; timm's CNNs take any size and
+        # refuse the argument, so the size is then only the input spec's.
+        if "img_size" not in kwargs or "img_size" not in str(e) or "img_size" in (src.model_args or {}):
+            raise
+        kwargs.pop("img_size")
+        arch = ArchSpec(source, name, kwargs)
+        torch.manual_seed(src.seed)
+        model = build(arch, classes, pretrained=src.pretrained)
     c, h, w = default_input(arch, model)
     if src.input_size is not None:
         h = w = src.input_size
@@ -180,9 +190,10 @@ def dataset_for(name: str | None, data_dir: str | None, train_size, test_size, d
     """--data if given, else the dataset the model was trained on (if known)."""
     if name is None or name == "none":
         if name is None and record is not None and record.dataset is not None:
-            spec = record.dataset
-            return load_dataset(DataSpec(spec.name, spec.data_dir, spec.train_size, spec.test_size), fake_shape=fake_shape,
-                                fake_classes=fake_classes)
+            spec = record.dataset  # the model's own data; sizes given now replace the recorded ones
+            return load_dataset(DataSpec(spec.name, spec.data_dir, spec.train_size if train_size is None else train_size,
+                                         spec.test_size if test_size is None else test_size),
+                                fake_shape=fake_shape, fake_classes=fake_classes)
         return None
     return load_dataset(DataSpec(name, data_dir, train_size, test_size, download), fake_shape=fake_shape,
                         fake_classes=fake_classes)
@@ -201,7 +212,7 @@ def measure(model: nn.Module, spec: InputSpec, ds: Dataset | None, device) -> di
 def width_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, calib_size: int, device,
                 reporter: Reporter = QUIET, settings: dict | None = None) -> tuple[nn.Module, ModelRecord, dict]:
     spec = lm.record.input
-    model = copy.deepcopy(lm.model).to(device).eval()
+    model = clone(lm.model).to(device).eval()
     before = measure(model, spec, ds, device)
     calib = ds.calibration(calib_size, cfg.seed) if ds is not None else None
     t0 = time.perf_counter()
@@ -211,11 +222,13 @@ def width_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, calib_siz
     rec = lm.record.child()
     rec.metrics = after
     summary = {"before": before, "after": after, "prune_s": round(prune_s, 2), "layers": report.layers,
-               "heads": report.heads, "calib_images": None if calib is None else len(calib)}
+               "heads": report.heads, "calib_images": None if calib is None else len(calib),
+               "left_alone": report.left_alone}
     rec.lineage.append(run_info("prune", {**(settings or {}), **cfg.to_json(), "structure": "width",
                                           "calib_size": summary["calib_images"]},
                                 None if lm.path is None else str(lm.path),
-                                {"before": before, "after": after, "prune_s": summary["prune_s"]}, cfg.seed))
+                                {"before": before, "after": after, "prune_s": summary["prune_s"],
+                                 "left_alone": report.left_alone}, cfg.seed))
     return model, rec, summary
 
 
@@ -224,7 +237,7 @@ def layer_prune(lm: LoadedModel, ds: Dataset | None, metric: str, num_blocks: in
                 settings: dict | None = None) -> tuple[nn.Module, ModelRecord, dict]:
     """Remove the `num_blocks` lowest-scored removable blocks at once (None = all removable)."""
     spec = lm.record.input
-    model = copy.deepcopy(lm.model).to(device).eval()
+    model = clone(lm.model).to(device).eval()
     before = measure(model, spec, ds, device)
     blocks = removable(model, min_per_stage)
     if not blocks:
@@ -253,8 +266,8 @@ def finetune(lm: LoadedModel, ds: Dataset, cfg: TrainConfig, run_dir: Path | Non
              distill: bool = False, reporter: Reporter = QUIET, settings: dict | None = None,
              stage: str | None = None) -> tuple[nn.Module, ModelRecord, TrainResult]:
     spec = lm.record.input
-    model = copy.deepcopy(lm.model)
-    teacher = copy.deepcopy(lm.model) if distill else None
+    model = clone(lm.model)
+    teacher = clone(lm.model) if distill else None
     result = train(model, ds.train, ds.test, spec, cfg, device=device, run_dir=run_dir, resume=resume,
                    teacher=teacher, reporter=reporter, label="fine-tune" if lm.path else "train")
     rec = lm.record.child()

@@ -15,7 +15,9 @@ import json
 import platform
 import tarfile
 import tempfile
+from zlib import error as zlib_error
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -49,8 +51,9 @@ def _png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _load_run_py(root: Path):
-    spec = importlib.util.spec_from_file_location("bundle_run", root / "run.py")
+def _our_run_py():
+    """This package's own run.py (never a bundle's: verifying a bundle must not execute its code)."""
+    spec = importlib.util.spec_from_file_location("compress_bundle_run", RUN_PY)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -68,7 +71,9 @@ def _tar(files: dict[str, bytes], out: Path) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
-def build(lm: LoadedModel, target: str, out: Path, precision: str = "fp32", samples: int = 8, profile: bool = True) -> dict:
+def build(lm: LoadedModel, target: str, out: Path, precision: str = "fp32", samples: int = 8,
+          profile: Callable[[Path], dict] | None = None) -> dict:
+    """`profile(onnx_path)` (from the command, which owns measurement) records the build machine's latency."""
     if target not in TARGETS:
         raise UserError(f"--target must be one of {', '.join(TARGETS)}")
     t = TARGETS[target]
@@ -79,7 +84,7 @@ def build(lm: LoadedModel, target: str, out: Path, precision: str = "fp32", samp
         onnx_path = Path(tmp) / "model.onnx"
         rep = export_onnx(lm, onnx_path, precision)
         files["model.onnx"] = onnx_path.read_bytes()
-        profile_doc = _profile(onnx_path, lm) if profile else None
+        profile_doc = profile(onnx_path) if profile is not None else None
     files["run.py"] = RUN_PY.read_bytes()
     files["requirements.txt"] = ("\n".join(t["requirements"]) + "\n").encode()
     sample_names, raw = [], []
@@ -112,7 +117,7 @@ def build(lm: LoadedModel, target: str, out: Path, precision: str = "fp32", samp
             (root / name).write_bytes(data)
         (root / "manifest.json").write_text(json.dumps(manifest))
         if sample_names:
-            run = _load_run_py(root)
+            run = _our_run_py()
             x = np.stack([run.preprocess(root / n, manifest["preprocessing"]) for n in sample_names])
             logits = run.OnnxRuntimeModel(root / "model.onnx", "cpu")(x)
             manifest["samples"]["expected_logits"] = np.round(logits.astype(np.float64), 6).tolist()
@@ -131,24 +136,17 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _profile(onnx_path: Path, lm: LoadedModel) -> dict:
-    """The build machine's latency for the bundled graph (ONNX Runtime, CPU, batch 1)."""
-    from profilers import stats, sysinfo
-    from profilers.runners import OrtRunner, measure
-
-    r = OrtRunner(onnx_path, 1, "cpu")
-    lat = measure(r, 5, 30, 0.5)
-    s = stats.summary(lat, 1)
-    return {"machine": sysinfo.one_line(sysinfo.describe()), "backend": "onnxruntime cpu", "batch_size": 1,
-            "latency_ms": {k: round(s[k], 4) for k in ("p50", "p90", "p99", "mean", "std")},
-            "throughput_ips": round(s["throughput_ips"], 1)}
-
-
 def _extract(bundle: Path, dest: Path) -> Path:
+    """Unpack regular files under bundle/ only; anything else in the archive is refused."""
     try:
         with tarfile.open(bundle, "r:gz") as tar:
+            members = tar.getmembers()
+            odd = [m.name for m in members if not (m.name == "bundle" or m.name.startswith("bundle/")) or
+                   not (m.isfile() or m.isdir())]
+            if odd:
+                raise GateFailed(f"{bundle} holds members outside bundle/ or that are not plain files: {', '.join(odd[:3])}")
             tar.extractall(dest, filter="data")  # refuses absolute paths, .., links out of the tree
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, zlib_error) as e:
         raise UserError(f"{bundle} is not a readable bundle: {e}") from None
     root = dest / "bundle"
     if not (root / "manifest.json").is_file():
@@ -156,40 +154,79 @@ def _extract(bundle: Path, dest: Path) -> Path:
     return root
 
 
-def verify(bundle: Path) -> dict:
-    """Checksums, schema, and the bundled model's outputs on the sample images. Raises GateFailed."""
+def digests(bundle: Path) -> dict[str, str]:
+    """SHA-256 of the archive and of its manifest: give the first to a receiver out of band."""
+    with tarfile.open(bundle, "r:gz") as tar:
+        f = tar.extractfile("bundle/manifest.json")
+        manifest = f.read() if f is not None else b""
+    return {"archive_sha256": atomic.sha256_file(bundle), "manifest_sha256": atomic.sha256_bytes(manifest)}
+
+
+def verify(bundle: Path, expect_sha256: str | None = None) -> dict:
+    """Digest, member list, checksums, schema, and the bundled model's outputs on the sample images,
+    computed with this package's own preprocessing and ONNX Runtime: nothing from the bundle is executed.
+    Raises GateFailed."""
     if not bundle.is_file():
         raise UserError(f"no such bundle: {bundle}")
+    if expect_sha256 is not None:
+        want = expect_sha256.strip().lower()
+        if len(want) != 64 or any(ch not in "0123456789abcdef" for ch in want):
+            raise UserError("--expect-sha256 takes the 64 hex digits of the archive's SHA-256")
+        got = atomic.sha256_file(bundle)
+        if got != want:
+            raise GateFailed(f"{bundle} is not the bundle you expected: its SHA-256 is {got}")
     with tempfile.TemporaryDirectory() as tmp:
         root = _extract(bundle, Path(tmp))
         try:
             m = json.loads((root / "manifest.json").read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise GateFailed(f"manifest.json is not valid JSON: {e}") from None
-        missing = [k for k in REQUIRED if k not in m]
-        if m.get("schema") != SCHEMA or missing:
-            raise GateFailed(f"manifest.json does not follow {SCHEMA}" + (f" (missing {', '.join(missing)})" if missing else ""))
-        present = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} - {"manifest.json"}
-        listed = set(m["files"])
-        if present - listed:
-            raise GateFailed(f"files not in the manifest: {', '.join(sorted(present - listed))}")
-        if listed - present:
-            raise GateFailed(f"files missing from the bundle: {', '.join(sorted(listed - present))}")
-        for name, digest in m["files"].items():
-            if atomic.sha256_file(root / name) != digest:
-                raise GateFailed(f"checksum mismatch for {name}: the bundle was modified")
-        result = {"files": len(listed), "samples": len(m["samples"]["files"])}
-        if m["samples"]["files"]:
-            run = _load_run_py(root)  # run.py's checksum was verified above
-            x = np.stack([run.preprocess(root / n, m["preprocessing"]) for n in m["samples"]["files"]])
-            got = run.OnnxRuntimeModel(root / m["model_file"], "cpu")(x)
-            want = np.asarray(m["samples"]["expected_logits"], dtype=np.float64)
-            diff = float(np.abs(got - want).max())
-            agree = float((got.argmax(1) == want.argmax(1)).mean())
-            tol = m["samples"]["tolerance"]
-            # Both sides are this graph on ONNX Runtime: only run-to-run and rounding noise is allowed.
-            limit = 1e-3 + 1e-3 * float(np.abs(want).max())
-            if diff > limit or agree < 1.0:
-                raise GateFailed(f"sample outputs differ from the recorded ones (max |diff| {diff:.3g}, top-1 agreement {agree:.0%})")
-            result.update({"max_abs_diff": diff, "top1_agreement": agree, "tolerance": tol})
-        return {**result, "target": m["runtime"]["target"], "model": m["model"]["arch"]["name"]}
+        try:
+            return _verify_contents(root, m)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise GateFailed(f"manifest.json has a malformed field ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def _verify_contents(root: Path, m: dict) -> dict:
+    missing = [k for k in REQUIRED if k not in m] if isinstance(m, dict) else list(REQUIRED)
+    if not isinstance(m, dict) or m.get("schema") != SCHEMA or missing:
+        raise GateFailed(f"manifest.json does not follow {SCHEMA}" + (f" (missing {', '.join(missing)})" if missing else ""))
+    present = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} - {"manifest.json"}
+    if not isinstance(m["files"], dict) or not all(isinstance(v, str) for v in m["files"].values()):
+        raise GateFailed("manifest.json: files must map names to SHA-256 strings")
+    listed = set(m["files"])
+    if present - listed:
+        raise GateFailed(f"files not in the manifest: {', '.join(sorted(present - listed))}")
+    if listed - present:
+        raise GateFailed(f"files missing from the bundle: {', '.join(sorted(listed - present))}")
+    for name, digest in m["files"].items():
+        if atomic.sha256_file(root / name) != digest:
+            raise GateFailed(f"checksum mismatch for {name}: the bundle was modified")
+    model_file = m["model_file"]
+    if model_file not in listed:
+        raise GateFailed(f"manifest.json names model file {model_file!r}, which the manifest does not list")
+    samples = list(m["samples"]["files"])
+    result = {"files": len(listed), "samples": len(samples),
+              "run_py_is_ours": "run.py" in listed and atomic.sha256_file(root / "run.py") == atomic.sha256_file(RUN_PY)}
+    if samples:
+        if not set(samples) <= listed:
+            raise GateFailed("manifest.json lists sample images that are not bundle files")
+        run = _our_run_py()
+        x = np.stack([run.preprocess(root / n, m["preprocessing"]) for n in samples])
+        from exporters.onnx_export import ort_session, run_ort
+
+        got = run_ort(ort_session(root / model_file), x).astype(np.float64)
+        want = np.asarray(m["samples"]["expected_logits"], dtype=np.float64)
+        if got.shape != want.shape:
+            raise GateFailed(f"the bundled model gives outputs of shape {got.shape}; the manifest records {want.shape}")
+        if not np.isfinite(got).all():
+            raise GateFailed("the bundled model gives non-finite outputs (NaN or inf) on the sample images")
+        diff = float(np.abs(got - want).max())
+        agree = float((got.argmax(1) == want.argmax(1)).mean())
+        tol = m["samples"]["tolerance"]
+        # Both sides are this graph on ONNX Runtime: only run-to-run and rounding noise is allowed.
+        limit = 1e-3 + 1e-3 * float(np.abs(want).max())
+        if diff > limit or agree < 1.0:
+            raise GateFailed(f"sample outputs differ from the recorded ones (max |diff| {diff:.3g}, top-1 agreement {agree:.0%})")
+        result.update({"max_abs_diff": diff, "top1_agreement": agree, "tolerance": tol})
+    return {**result, "target": m["runtime"]["target"], "model": m["model"]["arch"]["name"]}

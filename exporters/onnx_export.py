@@ -6,6 +6,7 @@ real inputs within the tolerance of the graph's precision.
 from __future__ import annotations
 
 import io
+import math
 import os
 import tempfile
 import warnings
@@ -67,6 +68,8 @@ def compare(reference: np.ndarray, got: np.ndarray) -> Agreement:
 def within(agreement: Agreement, precision: str, tolerance: float | None = None) -> str | None:
     """None if acceptable, else the reason."""
     atol, rtol, min_agree = TOLERANCE[precision]
+    if not (math.isfinite(agreement.max_abs_diff) and math.isfinite(agreement.reference_scale)):
+        return "the outputs are not finite (NaN or inf): the model's weights or the graph are broken"
     if tolerance is not None:
         atol, rtol = tolerance, 0.0
     if atol is not None and agreement.max_abs_diff > atol + rtol * agreement.reference_scale:

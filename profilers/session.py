@@ -113,6 +113,9 @@ def run(targets: list[Target], baseline: Target | None, s: Settings, reporter: R
         if counter is not None:
             counter.close()
         shutil.rmtree(workdir, ignore_errors=True)
+    if not doc["results"]:
+        why = "; ".join(sorted({f"{k['target']} on {k['backend']}: {k['reason']}" for k in doc["skipped"]})[:2])
+        raise UserError(f"nothing was measured ({why or 'no target runs on the chosen backends'})")
     for t, tj in zip(everyone, doc["targets"]):
         tj["params"], tj["macs"] = t.params, t.macs
     return doc

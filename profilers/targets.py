@@ -14,7 +14,7 @@ import torch.nn as nn
 from compressor.errors import UserError
 from compressor.modeldir import LoadedModel, is_model_dir, load_model_dir
 
-from .flops import count
+from compressor.flops import count
 
 
 @dataclass
@@ -41,7 +41,8 @@ class Target:
                 "input_shape": None if self.shape is None else list(self.shape), "notes": self.notes}
 
 
-def _from_loaded(name: str, lm: LoadedModel) -> Target:
+def from_loaded(name: str, lm: LoadedModel) -> Target:
+    """A profiling target for a model already in memory."""
     spec = lm.record.input
     shape = (spec.channels, spec.height, spec.width)
     c = count(lm.model, shape)
@@ -61,22 +62,29 @@ def _sidecar(path: Path) -> dict:
 def resolve(arg: str) -> list[Target]:
     p = Path(arg)
     if p.is_dir() and (p / "compare.json").is_file():
-        doc = json.loads((p / "compare.json").read_text())
-        out = [_from_loaded("parent", load_model_dir(doc["parent"]))]
+        try:
+            doc = json.loads((p / "compare.json").read_text())
+            doc["parent"], list(doc.get("cells", []))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{p / 'compare.json'} is not a compare record ({type(e).__name__})") from None
+        out = [from_loaded("parent", load_model_dir(doc["parent"]))]
         for cell in doc.get("cells", []):
             d = p / cell["dir"]
             if (d / "model.json").is_file():
-                out.append(_from_loaded(cell["name"], load_model_dir(d)))
+                out.append(from_loaded(cell["name"], load_model_dir(d)))
         return out
     if p.is_dir() or is_model_dir(p):
-        return [_from_loaded(p.name or str(p), load_model_dir(p))]
+        return [from_loaded(p.name or str(p), load_model_dir(p))]
     if p.suffix == ".onnx":
         if not p.is_file():
             raise UserError(f"no such ONNX file: {p}")
         side = _sidecar(p)
         import onnx
 
-        g = onnx.load(str(p), load_external_data=False).graph
+        try:
+            g = onnx.load(str(p), load_external_data=False).graph
+        except Exception as e:  # protobuf's DecodeError and friends
+            raise UserError(f"{p} is not a readable ONNX file ({type(e).__name__})") from None
         dims = [d.dim_value for d in g.input[0].type.tensor_type.shape.dim[1:]]
         m = side.get("model", {})
         return [Target(p.name, "onnx", p, None, tuple(dims), m.get("params"), m.get("macs"), m.get("top1"), onnx=p)]

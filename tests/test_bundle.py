@@ -70,6 +70,68 @@ def test_tampering_is_detected(cli, bundle, tmp_path, tamper):
     assert ("checksum mismatch" in err) if tamper != "extra" else ("not in the manifest" in err)
 
 
+def _manifest_rehashed(files):
+    """An attacker's rewrite: the manifest's checksums updated to match the changed files."""
+    import hashlib
+
+    m = json.loads(files["bundle/manifest.json"])
+    m["files"] = {k[len("bundle/"):]: hashlib.sha256(v).hexdigest() for k, v in files.items()
+                  if k.startswith("bundle/") and k != "bundle/manifest.json"}
+    files["bundle/manifest.json"] = json.dumps(m).encode()
+
+
+def test_verify_never_runs_the_bundles_code(cli, bundle, tmp_path):
+    marker = tmp_path / "ran"
+
+    def change(files):
+        files["bundle/run.py"] = (f"open({str(marker)!r}, 'w').write('x')\n").encode() + files["bundle/run.py"]
+        _manifest_rehashed(files)
+
+    bad = tmp_path / "replaced.tar.gz"
+    _rewrite(bundle, bad, change)
+    _, out, _ = cli("package", "--verify", bad)
+    assert not marker.exists(), "verification executed the bundle's run.py"
+    assert "differs from this compress version's" in out and "not who made it" in out
+
+
+def test_member_outside_bundle_dir_is_refused(cli, bundle, tmp_path):
+    def change(files):
+        files["elsewhere.txt"] = b"surprise"
+
+    bad = tmp_path / "outside.tar.gz"
+    _rewrite(bundle, bad, change)
+    _, _, err = cli("package", "--verify", bad, expect=1)
+    assert "outside bundle/" in err and len(err.strip().splitlines()) == 1
+
+
+def test_expected_digest_authenticates_the_archive(cli, bundle, cnn_parent, tmp_path):
+    import hashlib
+
+    digest = hashlib.sha256(bundle.read_bytes()).hexdigest()
+    _, out, _ = cli("package", "--verify", bundle, "--expect-sha256", digest.upper())
+    assert "bundle OK" in out and "not who made it" not in out
+    forged = tmp_path / "forged.tar.gz"
+    _rewrite(bundle, forged, _manifest_rehashed)  # self-consistent, but not the archive that was announced
+    cli("package", "--verify", forged)
+    _, _, err = cli("package", "--verify", forged, "--expect-sha256", digest, expect=1)
+    assert "not the bundle you expected" in err
+    cli("package", "--verify", bundle, "--expect-sha256", "abc", expect=2)
+
+
+@pytest.mark.parametrize("field,value", [("files", ["model.onnx"]), ("samples", {"files": 3}), ("model_file", 7),
+                                         ("preprocessing", {"shape": "x"})])
+def test_malformed_manifest_fields_are_one_line(cli, bundle, tmp_path, field, value):
+    def change(files):
+        m = json.loads(files["bundle/manifest.json"])
+        m[field] = value
+        files["bundle/manifest.json"] = json.dumps(m).encode()
+
+    bad = tmp_path / "malformed.tar.gz"
+    _rewrite(bundle, bad, change)
+    code, _, err = cli("package", "--verify", bad, expect=None)
+    assert code in (1, 2) and len(err.strip().splitlines()) == 1 and "Traceback" not in err and "internal" not in err
+
+
 def test_bundles_are_reproducible(cli, cnn_parent, bundle, tmp_path):
     again = tmp_path / "again.tar.gz"
     cli("package", cnn_parent, "--target", "onnxruntime-cpu", "--out", again)
@@ -129,3 +191,36 @@ def test_bundle_runs_in_a_fresh_venv(bundle, tmp_path):
     assert r.returncode == 0, r.stderr
     pred = [row["top"][0]["index"] for row in json.loads(r.stdout)]
     assert sum(p == y for p, y in zip(pred, labels)) >= 0.8 * len(labels)
+
+
+def test_fuzzed_manifests_fail_in_one_line(bundle, tmp_path_factory):
+    """Any value in any manifest field: verify passes or raises GateFailed/UserError, never another error."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    from compressor.errors import GateFailed, UserError
+    from exporters.bundle import verify
+
+    files = _members(bundle)
+    base = json.loads(files["bundle/manifest.json"])
+    values = st.recursive(st.none() | st.booleans() | st.integers(-3, 99) | st.text(max_size=6),
+                          lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                          max_leaves=6)
+    paths = [(k,) for k in base] + [("samples", k) for k in base["samples"]] + [("runtime", k) for k in base["runtime"]] \
+        + [("preprocessing", k) for k in base["preprocessing"]]
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(path=st.sampled_from(paths), value=values)
+    def check(path, value):
+        m = json.loads(json.dumps(base))
+        node = m
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = value
+        out = tmp_path_factory.mktemp("fuzzb") / "b.tar.gz"
+        _rewrite(bundle, out, lambda f: f.__setitem__("bundle/manifest.json", json.dumps(m).encode()))
+        try:
+            verify(out)
+        except (GateFailed, UserError) as e:
+            assert "\n" not in str(e)
+
+    check()

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from scipy.stats import ortho_group
 
 from compressor.data import DataSpec, load_dataset
-from compressor.joint import allocate, decision_path
+from orchestration.auto_loop import allocate, decision_path
 from compressor.layers import find_blocks, removable
 from compressor.modeldir import load_model_dir, remove_blocks
 from compressor.models import ArchSpec, build

@@ -11,7 +11,7 @@ from compressor.layers import find_blocks, removable
 from compressor.modeldir import ModelRecord, load_model_dir, remove_blocks, save_model_dir
 from compressor.models import ArchSpec, build, resolve
 from compressor.pruning import WidthConfig, prune_width
-from profilers.flops import count
+from compressor.flops import count
 
 SPEC16 = InputSpec(3, 16, 16, (0.5,) * 3, (0.25,) * 3)
 

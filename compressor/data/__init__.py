@@ -99,4 +99,6 @@ def load_dataset(spec: DataSpec, *, fake_shape: tuple[int, int, int] | None = No
         test = test.subset(balanced_subset(test.labels, spec.test_size, seed))
     if len(train) == 0 or len(test) == 0:
         raise UserError(f"dataset {spec.name} is empty")
+    if len(raw.classes) < 2 or len(set(train.labels.tolist())) < 2:
+        raise UserError(f"dataset {spec.name} has fewer than 2 classes in its training split: nothing to classify")
     return Dataset(raw.name, list(raw.classes), train, test, raw.channels, raw.mean, raw.std, spec=spec)

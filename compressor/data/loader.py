@@ -35,7 +35,10 @@ class InputSpec:
     @classmethod
     def from_json(cls, d: dict) -> "InputSpec":
         c, h, w = (int(v) for v in d["shape"])
-        return cls(c, h, w, tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
+        mean, std = tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"])
+        if min(c, h, w) < 1 or len(mean) != c or len(std) != c or not all(v > 0 for v in std):
+            raise ValueError(f"input shape {[c, h, w]} with {len(mean)} means and {len(std)} stds")
+        return cls(c, h, w, mean, std)
 
 
 def adapt_channels(x: torch.Tensor, channels: int) -> torch.Tensor:

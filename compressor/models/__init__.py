@@ -144,18 +144,23 @@ def pretrained_normalisation(spec: ArchSpec, model: nn.Module) -> tuple[tuple, t
     return IMAGENET_MEAN, IMAGENET_STD
 
 
-def get_classifier(model: nn.Module) -> nn.Linear:
-    """The final linear layer (its input is the penultimate representation)."""
+def get_classifier(model: nn.Module) -> nn.Module:
+    """The final linear layer (its input is the penultimate representation); for all-convolutional
+    classifiers (SqueezeNet) the last convolution."""
     if hasattr(model, "get_classifier"):
         head = model.get_classifier()
         if isinstance(head, nn.Linear):
             return head
-    last = None
+    last = last_conv = None
     for m in model.modules():
         if isinstance(m, nn.Linear):
             last = m
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            last_conv = m
     if last is None:
-        raise UserError(f"{type(model).__name__} has no final linear classifier")
+        last = last_conv
+    if last is None:
+        raise UserError(f"{type(model).__name__} has no final linear or convolutional classifier")
     return last
 
 
@@ -165,6 +170,8 @@ def reset_classifier(model: nn.Module, num_classes: int) -> nn.Module:
         model.reset_classifier(num_classes)
         return model
     head = get_classifier(model)
+    if not isinstance(head, nn.Linear):
+        raise UserError(f"cannot replace the convolutional classifier of {type(model).__name__}")
     if head.out_features == num_classes:
         return model
     for name, m in model.named_modules():
@@ -173,6 +180,20 @@ def reset_classifier(model: nn.Module, num_classes: int) -> nn.Module:
                 setattr(m, child_name, nn.Linear(head.in_features, num_classes, bias=head.bias is not None))
                 return model
     raise UserError("cannot replace the classifier of this model")
+
+
+def clone(model: nn.Module) -> nn.Module:
+    """A deep copy that works for models caching tensors in eval mode (LeViT's attention-bias cache is
+    not copyable; train mode drops it)."""
+    import copy
+
+    was_training = model.training
+    model.train()
+    try:
+        twin = copy.deepcopy(model)
+    finally:
+        model.train(was_training)
+    return twin.train(was_training)
 
 
 def is_vit(model: nn.Module) -> bool:

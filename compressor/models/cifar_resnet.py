@@ -1,6 +1,6 @@
 """CIFAR-style ResNets (He et al. 2016, section 4.2): 3 stages of n basic blocks, widths w/2w/4w.
 
-Shape changes use a 1x1-conv projection shortcut (option B), as seed 002's release does. Module names
+Shape changes use a 1x1-conv projection shortcut (option B), as do Nascimento et al.'s release does. Module names
 follow torchvision (`layerN.i.conv1/bn1/conv2/bn2/downsample`) so one layer-pruning code path serves both.
 """
 

@@ -1,4 +1,4 @@
-"""VGG-16 with BatchNorm for 32x32 inputs (the CIFAR variant used by seed 001: 13 convs, one linear head)."""
+"""VGG-16 with BatchNorm for 32x32 inputs (the CIFAR variant used by Lajić et al.: 13 convs, one linear head)."""
 
 from __future__ import annotations
 

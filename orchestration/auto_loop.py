@@ -8,7 +8,6 @@ softmax twice).
 
 from __future__ import annotations
 
-import copy
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,18 +17,19 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from . import atomic, importance as imp
-from .data import Dataset, ImageSet, InputSpec
-from .data.splits import balanced_subset
-from .errors import UserError
-from .evaluate import evaluate
-from .finetune import TrainConfig, train
-from .layers import choose_blocks, conv_channels, find_blocks, removable, score_blocks
-from .modeldir import LoadedModel, ModelRecord, remove_blocks, run_info, save_model_dir
-from .progress import QUIET, Reporter
-from .similarity import linear_cka, penultimate
-from .structures import group_info
-from profilers.flops import count
+from compressor import atomic, importance as imp
+from compressor.data import Dataset, ImageSet, InputSpec
+from compressor.data.splits import balanced_subset
+from compressor.errors import UserError
+from compressor.evaluate import evaluate
+from compressor.finetune import TrainConfig, train
+from compressor.layers import choose_blocks, conv_channels, find_blocks, removable, score_blocks
+from compressor.modeldir import LoadedModel, ModelRecord, remove_blocks, run_info, save_model_dir
+from compressor.models import clone
+from compressor.progress import QUIET, Reporter
+from compressor.similarity import linear_cka, penultimate
+from compressor.structures import group_info
+from compressor.flops import count
 
 SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 
@@ -107,7 +107,7 @@ def allocate(widths: list[int], count: int, rng: random.Random) -> list[int]:
 def filter_candidate(parent: nn.Module, spec: InputSpec, count: int, metric: str, calib: ImageSet, seed: int,
                      device, reporter: Reporter = QUIET) -> tuple[nn.Module, dict[str, int]] | None:
     """A copy of `parent` without `count` filters taken from the first conv of every residual block."""
-    model = copy.deepcopy(parent).eval()
+    model = clone(parent).eval()
     convs = _first_convs(model)
     if not convs or sum(c.out_channels - 1 for _, c in convs) < count:
         return None
@@ -140,7 +140,7 @@ def run(loaded: LoadedModel, ds: Dataset, cfg: AutoConfig, train_cfg: TrainConfi
     shape = (spec.channels, spec.height, spec.width)
     train_set, held = ds.holdout(cfg.holdout, cfg.seed)
     calib = train_set.subset(balanced_subset(train_set.labels, cfg.calib_size, cfg.seed))
-    parent = copy.deepcopy(loaded.model).to(device).eval()
+    parent = clone(loaded.model).to(device).eval()
     record = loaded.record
     root = count(parent, shape, device)
     rng = random.Random(cfg.seed)
@@ -164,7 +164,7 @@ def run(loaded: LoadedModel, ds: Dataset, cfg: AutoConfig, train_cfg: TrainConfi
         cands: dict[str, nn.Module] = {}
         filt_removed: dict[str, int] = {}
         if cfg.only != "filters":
-            lc = copy.deepcopy(parent)
+            lc = clone(parent)
             remove_blocks(lc, [block])
             cands["L"] = lc
         if cfg.only != "layers":

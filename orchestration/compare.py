@@ -1,4 +1,4 @@
-"""`compress compare`: every metric x sparsity from one parent, in the form of seed 000's Tables 3 and 5.
+"""`compress compare`: every metric x sparsity from one parent, in the form of the metric-comparison study's Tables 3 and 5.
 
 Each finished cell writes cell.json; a re-run with --resume skips finished cells and continues an
 interrupted fine-tune from its last epoch.
@@ -16,14 +16,16 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
-from .data import Dataset
-from .errors import UserError
-from .finetune import TrainConfig
-from .modeldir import LoadedModel, load_model_dir, save_model_dir, write_model_files
-from .progress import QUIET, Reporter
-from .pruning import WidthConfig, validate
-from .workflows import finetune, width_prune
+from compressor import atomic
+from compressor.data import Dataset
+from compressor.errors import UserError
+from compressor.finetune import TrainConfig
+from compressor.modeldir import LoadedModel, load_model_dir, save_model_dir, write_model_files
+from compressor.progress import QUIET, Reporter
+from compressor.pruning import WidthConfig, validate
+from compressor.workflows import finetune, width_prune
+from profilers.session import Settings, run as run_profile
+from profilers.targets import from_loaded
 
 
 @dataclass
@@ -61,6 +63,10 @@ class CompareConfig:
             for s in self.sparsities:
                 validate(self.width(m, s))
         self.train.validate()
+        if self.profile_batch < 1:
+            raise UserError("--profile-batch must be >= 1")
+        if self.profile_rounds < 3:
+            raise UserError("--profile-rounds must be >= 3")
 
 
 def cell_name(metric: str, sparsity: float) -> str:
@@ -70,13 +76,10 @@ def cell_name(metric: str, sparsity: float) -> str:
 def _speedup(parent: LoadedModel, child: LoadedModel, cfg: CompareConfig) -> dict | None:
     if cfg.profile_backend is None:
         return None
-    from profilers.session import Settings, run
-    from profilers.targets import _from_loaded
-
     s = Settings(backends=(cfg.profile_backend,), batch_sizes=(cfg.profile_batch,), rounds=cfg.profile_rounds,
                  warmup=5, min_iters=10, min_time_s=0.2, energy=False)
-    base, tgt = _from_loaded("parent", parent), _from_loaded("child", child)
-    doc = run([tgt], base, s)
+    base, tgt = from_loaded("parent", parent), from_loaded("child", child)
+    doc = run_profile([tgt], base, s)
     row = next(r for r in doc["results"] if r["target"] == "child")
     sp = row["speedup"]
     return {"backend": cfg.profile_backend, "batch": cfg.profile_batch, "median": sp["median"], "ci_low": sp["ci_low"],

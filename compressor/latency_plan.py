@@ -1,0 +1,148 @@
+"""Choose per-group widths that keep the most importance within a latency budget (NetAdapt-style greedy).
+
+The network's latency is modelled as a constant plus the sum over its conv/linear layers of a measured
+cost that depends on the layer's input and output widths: `cost(signature, c_in, c_out)` in ms. Each
+step removes, from one group, the block of its least important remaining units that loses the least
+importance per millisecond saved; several block sizes are tried per group, so a width the hardware
+dislikes (one that is slower than a wider one) is stepped over because the table says so. Pure
+algorithm: the caller supplies the cost function (measured on the target, or a synthetic table in tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .errors import UserError
+
+Cost = Callable[[str, int, int], float]
+
+
+@dataclass
+class Group:
+    """A set of coupled units that is pruned together (a conv's output channels and all they touch)."""
+
+    name: str
+    n: int  # units in the parent
+    scores: np.ndarray  # importance per unit (comparable across groups), length n
+    ladder: list[int] = field(default_factory=list)  # allowed kept widths, ascending; the last is n
+
+    def __post_init__(self):
+        self.scores = np.asarray(self.scores, dtype=np.float64)
+        if len(self.scores) != self.n:
+            raise ValueError(f"group {self.name}: {len(self.scores)} scores for {self.n} units")
+        if not self.ladder:
+            self.ladder = list(range(1, self.n + 1))
+        self.sorted_scores = np.sort(self.scores)  # least important first
+
+
+@dataclass
+class Layer:
+    """A conv/linear layer: its widths come from groups (or are fixed, e.g. the image channels)."""
+
+    name: str
+    signature: str  # everything but the widths: kind, kernel, stride, groups mode, spatial size, batch
+    in_group: str | None
+    out_group: str | None
+    in_fixed: int = 0
+    out_fixed: int = 0
+    depthwise: bool = False  # in = out = groups = the width of in_group
+
+    def cost(self, cost: Cost, w: dict[str, int]) -> float:
+        return cost(self.signature, *self.widths(w))
+
+    def widths(self, w: dict[str, int]) -> tuple[int, int]:
+        c_in = w[self.in_group] if self.in_group is not None else self.in_fixed
+        c_out = w[self.out_group] if self.out_group is not None else self.out_fixed
+        return (c_in, c_in) if self.depthwise else (c_in, c_out)
+
+
+def ladder(n: int, round_to: int | None = None, levels: int = 16, min_fraction: float = 0.0) -> list[int]:
+    """Kept widths a group may take, at least `min_fraction` of n: multiples of round_to when given,
+    otherwise about `levels` evenly spaced widths and every multiple of 8 in between (the widths CPU/GPU
+    kernels favour; whether they are faster here is for the measured table to say)."""
+    floor = max(1, -(-int(n * min_fraction * 1000) // 1000))  # ceil without float surprises
+    if round_to:
+        out = [k for k in range(round_to, n + 1, round_to) if k >= floor]
+        return sorted(set(out) | {n}) if out else [n]
+    step = max(1, n // levels)
+    out = {k for k in set(range(step, n + 1, step)) | set(range(8, n + 1, 8)) if k >= floor} | {n}
+    return sorted(out)
+
+
+@dataclass
+class Plan:
+    widths: dict[str, int]
+    predicted_ms: float
+    parent_ms: float
+    steps: list[dict]
+
+    @property
+    def predicted_speedup(self) -> float:
+        return self.parent_ms / self.predicted_ms
+
+
+def predict(layers: list[Layer], widths: dict[str, int], cost: Cost, offset_ms: float) -> float:
+    return offset_ms + sum(layer.cost(cost, widths) for layer in layers)
+
+
+def plan_widths(groups: list[Group], layers: list[Layer], cost: Cost, budget_ms: float, offset_ms: float = 0.0,
+                tries: int = 4, on_step: Callable[[float], None] | None = None, best_effort: bool = False) -> Plan:
+    """Greedy: until the predicted latency is within `budget_ms`, take the (group, block) removal with the
+    least importance lost per ms saved, trying for every group its next `tries` ladder widths and every
+    ladder width within a quarter of its current width (all lower widths when none of those saves time).
+    A budget out of reach is refused, or with `best_effort` answered with the fastest plan found."""
+    widths = {g.name: g.n for g in groups}
+    touching: dict[str, list[Layer]] = {g.name: [] for g in groups}
+    for layer in layers:
+        for gname in {layer.in_group, layer.out_group} - {None}:
+            if gname not in touching:
+                raise ValueError(f"layer {layer.name} names unknown group {gname}")
+            touching[gname].append(layer)
+    parent_ms = predict(layers, widths, cost, offset_ms)
+    current = parent_ms
+    steps: list[dict] = []
+    while current > budget_ms:
+        best = None
+        for g in groups:
+            w = widths[g.name]
+            below = [k for k in g.ladder if k < w]
+            # the next few widths, and every width within a quarter below: far enough to step over a
+            # run of widths the hardware dislikes (e.g. 63..49 when 48 is fast)
+            near = sorted(set(below[-tries:]) | {k for k in below if k >= w - max(1, w // 4)})
+            here = sum(layer.cost(cost, widths) for layer in touching[g.name])
+            for lower in (near, [k for k in below if k not in near]):  # look further only if nothing near saves
+                found = False
+                for k in lower:
+                    trial = dict(widths)
+                    trial[g.name] = k
+                    saved = here - sum(layer.cost(cost, trial) for layer in touching[g.name])
+                    if saved <= 0:
+                        continue
+                    found = True
+                    lost = float(g.sorted_scores[g.n - w:g.n - k].sum())  # the next (w - k) least important units
+                    ratio = lost / saved
+                    if best is None or ratio < best[0] - 1e-12 or (abs(ratio - best[0]) <= 1e-12 and saved > best[3]):
+                        best = (ratio, g.name, k, saved, lost)
+                if found:
+                    break
+        if best is None:
+            if best_effort:
+                break  # the fastest plan the table knows; the caller measures whether it is enough
+            raise UserError(f"the latency target {budget_ms:.4g} ms cannot be reached: no further width reduction is "
+                            f"predicted to save time below {current:.4g} ms (parent {parent_ms:.4g} ms); ask for less speedup")
+        _, name, k, saved, lost = best
+        steps.append({"group": name, "from": widths[name], "to": k, "saved_ms": saved, "importance_lost": lost})
+        widths[name] = k
+        current -= saved
+        if on_step is not None:
+            on_step(current)
+    return Plan(widths, predict(layers, widths, cost, offset_ms), parent_ms, steps)
+
+
+def removal_indices(group: Group, keep: int) -> list[int]:
+    """The units a kept width removes: the least important ones (stable order for ties)."""
+    order = np.argsort(group.scores, kind="stable")
+    return sorted(int(i) for i in order[:group.n - keep])

@@ -1,0 +1,246 @@
+"""`compress prune --target-speedup S`: widths chosen for measured speed on the target backend.
+
+1. Score every unit of every channel group with --metric (compressor.pruning.unit_scores).
+2. Build the latency model: each conv/linear layer's cost at given in/out widths, measured alone on the
+   target (profilers.layer_latency, cached), calibrated against the whole parent measured on the same
+   backend, so predictions are in real milliseconds.
+3. Choose widths (compressor.latency_plan: least importance lost per ms saved, until the budget).
+4. Prune, then measure parent and child in interleaved rounds and report predicted vs measured.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.nn as nn
+
+from compressor.data import Dataset
+from compressor.errors import UserError
+from compressor.latency_plan import Group, Layer, ladder, plan_widths, removal_indices
+from compressor.modeldir import LoadedModel, ModelRecord, run_info
+from compressor.models import clone
+from compressor.progress import QUIET, Reporter
+from compressor.pruning import WidthConfig, apply_widths, layer_groups, unit_scores
+from compressor.workflows import measure
+from profilers.layer_latency import LayerLatency, op_shapes
+from profilers.paired import model_runner, paired
+
+
+@dataclass
+class LatencyTarget:
+    speedup: float | None = None
+    latency_ms: float | None = None
+    backend: str = "onnxruntime"
+    device: str = "cpu"
+    batch: int = 1
+    threads: int | None = None
+    cache_dir: Path | None = None
+    rounds: int = 9
+    iterations: int = 3  # plan -> prune -> measure attempts
+    min_fraction: float = 0.2  # every group keeps at least this share of its units
+
+    def validate(self) -> None:
+        if (self.speedup is None) == (self.latency_ms is None):
+            raise UserError("give one of --target-speedup or --target-latency-ms")
+        if self.speedup is not None and not (self.speedup > 1.0):
+            raise UserError(f"--target-speedup must be above 1 (got {self.speedup})")
+        if self.latency_ms is not None and not (self.latency_ms > 0):
+            raise UserError(f"--target-latency-ms must be positive (got {self.latency_ms})")
+        if self.rounds < 3:
+            raise UserError("--latency-rounds must be at least 3")
+        if self.iterations < 1:
+            raise UserError("--latency-iterations must be at least 1")
+        if not (0.0 < self.min_fraction <= 1.0):
+            raise UserError("--min-width-fraction must be in (0, 1]")
+
+    def to_json(self) -> dict:
+        return {"target_speedup": self.speedup, "target_latency_ms": self.latency_ms, "latency_backend": self.backend,
+                "latency_device": self.device, "latency_batch": self.batch, "threads": self.threads}
+
+
+def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target: LatencyTarget, calib_size: int,
+                  device, reporter: Reporter = QUIET, settings: dict | None = None) -> tuple[nn.Module, ModelRecord, dict]:
+    target.validate()
+    spec = lm.record.input
+    shape = (spec.channels, spec.height, spec.width)
+    table = LayerLatency(target.backend, target.device, target.batch, target.threads, target.cache_dir)
+    parent = clone(lm.model).to(device).eval()
+    before = measure(parent, spec, ds, device)
+    calib = ds.calibration(calib_size, cfg.seed) if ds is not None else None
+    t0 = time.perf_counter()
+    pruner, infos, scores = unit_scores(parent, spec, cfg, calib, device, reporter)
+    layers = _layers(parent, pruner, infos, op_shapes(parent, shape), table)
+    groups = [Group(i.name, i.n_units, scores[i.name], ladder(i.n_units, cfg.round_to, min_fraction=target.min_fraction))
+              for i in infos]
+    with tempfile.TemporaryDirectory(prefix="compress-latency-") as tmp:
+        fit = _calibrate(parent, spec, groups, layers, table, target, Path(tmp), reporter)
+        parent_runner, parent_ms = fit.pop("parent_runner"), fit["parent_ms"]
+        scaled = lambda sig, c_in, c_out: fit["scale"] * table(sig, c_in, c_out)  # noqa: E731
+        goal_ms = parent_ms / target.speedup if target.speedup else target.latency_ms
+        if goal_ms >= parent_ms:
+            raise UserError(f"the parent already runs in {parent_ms:.4g} ms at batch {target.batch} on "
+                            f"{target.backend} {target.device}; --target-latency-ms {goal_ms:g} asks for nothing")
+        # Closed loop (NetAdapt's empirical step): plan, prune a copy, measure it whole; when the
+        # measurement misses the goal, correct the budget by measured/predicted and plan again.
+        budget, tries, best = goal_ms, [], None
+        for attempt in range(target.iterations):
+            with reporter.task(f"latency-aware widths, attempt {attempt + 1} (ms predicted)", None) as advance:
+                table.on_measure = lambda: advance(0, info=f"{table.measured} layers measured")
+                plan = plan_widths(groups, layers, scaled, budget, fit["offset_ms"], best_effort=True,
+                                   on_step=lambda ms: advance(1, info=f"{ms:.3f} ms, {table.measured} layers measured"))
+            table.on_measure = None
+            table.save()
+            child = clone(parent)
+            c_pruner, c_infos, _ = unit_scores(child, spec, WidthConfig(metric="l1", sparsity=0.5, seed=cfg.seed), None, device)
+            by_name = {g.name: g for g in groups}
+            changed = apply_widths(child, spec, c_pruner, c_infos,
+                                   {i.name: removal_indices(by_name[i.name], plan.widths[i.name]) for i in c_infos if i.name in by_name})
+            runner = model_runner(clone(child), target.backend, target.device, target.batch, shape, Path(tmp),
+                                  f"child{attempt}", target.threads)
+            with reporter.task(f"measuring parent vs child, attempt {attempt + 1}", None):
+                check = paired(parent_runner, runner, rounds=target.rounds)
+            runner.close()
+            # A speedup target is judged by the paired speedup (the parent's own latency drifts between
+            # measurements); a latency target by the child's latency.
+            eff = parent_ms / check["speedup"]["median"] if target.speedup else check["child_ms"]
+            row = {"attempt": attempt + 1, "budget_ms": budget, "predicted_ms": plan.predicted_ms, "check": check,
+                   "effective_ms": eff, "widths": plan.widths, "model": child, "changed": changed}
+            tries.append(row)
+            ratio = eff / goal_ms  # 1.0 = on target
+            if best is None or _better(ratio, best["effective_ms"] / goal_ms):
+                best = row
+            if 0.95 <= 1 / ratio <= 1.05 or attempt + 1 == target.iterations:
+                break
+            if plan.predicted_ms > budget and ratio > 1:
+                break  # already the fastest plan the table allows, and it is not fast enough
+            budget = _next_budget(tries, goal_ms)
+        parent_runner.close()
+    table_s = time.perf_counter() - t0
+    if best["effective_ms"] > 1.1 * goal_ms:
+        what = (f"{target.speedup:g}x" if target.speedup else f"{target.latency_ms:g} ms")
+        got = best["check"]["speedup"]
+        raise UserError(f"target {what} not reached on {target.backend} {target.device} at batch {target.batch}: the "
+                        f"closest child measured {got['median']:.2f}x [{got['ci_low']:.2f}, {got['ci_high']:.2f}] "
+                        f"({best['check']['child_ms']:.4g} ms); ask for less, or lower --min-width-fraction; nothing written")
+    model = best["model"]
+    after = measure(model, spec, ds, device)
+    sp = best["check"]["speedup"]
+    proof = {
+        "backend": target.backend, "device": target.device, "batch": target.batch,
+        "goal_ms": round(goal_ms, 5), "target_speedup": target.speedup,
+        "calibration": {k: round(v, 6) for k, v in fit.items()},
+        "predicted_ms": round(best["predicted_ms"], 5), "predicted_speedup": round(parent_ms / best["predicted_ms"], 4),
+        "measured_parent_ms": round(best["check"]["parent_ms"], 5), "measured_child_ms": round(best["check"]["child_ms"], 5),
+        "measured_speedup": round(sp["median"], 4), "speedup_ci": [round(sp["ci_low"], 4), round(sp["ci_high"], 4)],
+        "ci_confidence": sp["confidence"], "rounds": sp["rounds"],
+        "prediction_error": round(best["predicted_ms"] / best["check"]["child_ms"] - 1.0, 4),
+        "attempts": [{"attempt": t["attempt"], "budget_ms": round(t["budget_ms"], 5), "predicted_ms": round(t["predicted_ms"], 5),
+                      "measured_child_ms": round(t["check"]["child_ms"], 5), "measured_parent_ms": round(t["check"]["parent_ms"], 5),
+                      "measured_speedup": round(t["check"]["speedup"]["median"], 4)} for t in tries],
+        "table": {"entries_measured": table.measured, "cache_hits": table.hits, "measure_s": round(table.measure_s, 2),
+                  "cache": None if table.path is None else str(table.path)},
+        "widths": {g.name: [g.n, best["widths"][g.name]] for g in groups},
+    }
+    slow = sp["ci_high"] < 1.0
+    if slow:
+        proof["slower_layers"] = _worst_layers(layers, table, groups, best["widths"])
+    rec = lm.record.child()
+    rec.metrics = {**after, "latency": proof}
+    summary = {"before": before, "after": after, "prune_s": round(table_s, 2), "layers": best["changed"], "heads": {},
+               "left_alone": {}, "latency": proof, "slower": slow,
+               "calib_images": None if calib is None else len(calib)}
+    rec.lineage.append(run_info("prune", {**(settings or {}), **cfg.to_json(), **target.to_json(), "structure": "width",
+                                          "calib_size": summary["calib_images"]},
+                                None if lm.path is None else str(lm.path),
+                                {"before": before, "after": after, "prune_s": summary["prune_s"], "latency": proof},
+                                cfg.seed))
+    return model, rec, summary
+
+
+def _next_budget(tries: list[dict], goal_ms: float) -> float:
+    """Where to plan next: between the closest attempts on either side of the goal when there are such
+    (linear in measured ms), else the last budget corrected by how far its measurement missed."""
+    slow = [t for t in tries if t["effective_ms"] > goal_ms]
+    fast = [t for t in tries if t["effective_ms"] <= goal_ms]
+    if slow and fast:
+        a = min(slow, key=lambda t: t["effective_ms"])
+        b = max(fast, key=lambda t: t["effective_ms"])
+        ma, mb = a["effective_ms"], b["effective_ms"]
+        return b["budget_ms"] + (goal_ms - mb) * (a["budget_ms"] - b["budget_ms"]) / (ma - mb)
+    last = tries[-1]
+    return last["budget_ms"] * goal_ms / last["effective_ms"]
+
+
+def _better(ratio: float, best_ratio: float) -> bool:
+    """Closer to the goal, preferring children that reach it (ratio <= 1: measured within the budget)."""
+    reach, best_reach = ratio <= 1.05, best_ratio <= 1.05
+    if reach != best_reach:
+        return reach
+    return abs(ratio - 1) < abs(best_ratio - 1)
+
+
+def _calibrate(parent, spec, groups, layers, table, target, tmp: Path, reporter) -> dict:
+    """Fit whole-model latency = offset + scale * (sum of the layers measured alone) from the parent and a
+    uniformly half-width copy, both measured whole on the target: layers timed alone miss graph-level
+    fusion and layout work, and the rest of the network (adds, pooling, overhead) is not in the sum."""
+    shape = (spec.channels, spec.height, spec.width)
+    half = clone(parent)
+    half_widths = {g.name: min(g.ladder, key=lambda k: abs(k - g.n / 2)) for g in groups}
+    # the copy's groups are found again on the copy (the pruner's groups point at the original's modules)
+    h_pruner, h_infos, _ = unit_scores(half, spec, WidthConfig(metric="l1", sparsity=0.5), None, "cpu")
+    by_name = {g.name: g for g in groups}
+    apply_widths(half, spec, h_pruner, h_infos,
+                 {i.name: removal_indices(by_name[i.name], half_widths[i.name]) for i in h_infos if i.name in by_name})
+    full = {g.name: g.n for g in groups}
+    with reporter.task("latency table: parent and half-width layers", 2 * len(layers)) as advance:
+        s_full = s_half = 0.0
+        for layer in layers:
+            s_full += table(layer.signature, *layer.widths(full))
+            advance()
+            s_half += table(layer.signature, *layer.widths(half_widths))
+            advance()
+    with reporter.task("measuring parent and half-width copy whole", None):
+        parent_runner = model_runner(clone(parent), target.backend, target.device, target.batch, shape, tmp, "parent",
+                                     target.threads)
+        half_runner = model_runner(half, target.backend, target.device, target.batch, shape, tmp, "half", target.threads)
+        both = paired(parent_runner, half_runner, rounds=5)
+        half_runner.close()
+    p_ms, h_ms = both["parent_ms"], both["child_ms"]
+    scale = (p_ms - h_ms) / (s_full - s_half) if s_full > s_half else 1.0
+    scale = min(max(scale, 0.1), 10.0)
+    offset = max(p_ms - scale * s_full, 0.0)
+    scale = (p_ms - offset) / s_full if s_full > 0 else scale
+    return {"parent_runner": parent_runner, "parent_ms": p_ms, "half_width_ms": h_ms, "layers_parent_ms": s_full,
+            "layers_half_ms": s_half, "scale": scale, "offset_ms": offset}
+
+
+def _layers(model: nn.Module, pruner, infos, ops, table: LayerLatency) -> list[Layer]:
+    modules = dict(model.named_modules())
+    out = []
+    for name, (gin, gout) in layer_groups(pruner, infos, model).items():
+        op = ops.get(name)
+        if op is None:
+            continue  # never ran in the forward pass
+        if op.kind == "unsupported":
+            raise UserError(f"latency-aware pruning cannot model {name}: grouped convolution (not depthwise); use --sparsity")
+        m = modules[name]
+        c_in = m.in_channels if isinstance(m, nn.modules.conv._ConvNd) else m.in_features
+        c_out = m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
+        if op.depthwise:
+            gin = gout
+        out.append(Layer(name, table.register(op), gin, gout, c_in, c_out, op.depthwise))
+    return out
+
+
+def _worst_layers(layers: list[Layer], table: LayerLatency, groups: list[Group], widths: dict[str, int]) -> list[dict]:
+    """Layers whose measured cost did not fall (or rose) with the chosen widths: the likely culprits."""
+    full = {g.name: g.n for g in groups}
+    rows = []
+    for layer in layers:
+        a, b = table(layer.signature, *layer.widths(full)), table(layer.signature, *layer.widths(widths))
+        rows.append({"layer": layer.name, "parent_ms": round(a, 5), "child_ms": round(b, 5)})
+    rows.sort(key=lambda r: r["child_ms"] - r["parent_ms"], reverse=True)
+    return rows[:5]

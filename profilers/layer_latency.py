@@ -1,0 +1,290 @@
+"""Measured latency of single conv/linear layers at given widths, on the target backend, cached on disk.
+
+Each entry is one layer built alone with the real kernel, stride, padding, groups mode, input spatial
+size and batch, timed on the backend (ONNX Runtime: a one-node graph; torch: the module), minus the
+backend's per-call overhead measured on an Identity of the same input. Entries are cached in one JSON
+file per (machine, backend, device, versions, batch, threads) fingerprint, so a table is reused across
+models and runs and a different machine or version never reads another's numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from compressor import atomic
+from compressor.errors import UserError
+
+from . import sysinfo
+
+LATENCY_BACKENDS = ("onnxruntime", "torch")
+
+
+@dataclass(frozen=True)
+class OpShape:
+    """Everything about a layer but its widths."""
+
+    kind: str  # "conv" | "linear"
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    depthwise: bool = False
+    spatial: tuple[int, ...] = ()  # conv: input H, W; linear: leading dims other than batch (tokens)
+    bias: bool = True
+
+    @property
+    def key(self) -> str:
+        return json.dumps([self.kind, self.kernel, self.stride, self.padding, self.dilation, self.depthwise,
+                           self.spatial, self.bias])
+
+
+def op_shapes(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, OpShape]:
+    """OpShape of every conv/linear layer, from one forward pass (the spatial size each one sees)."""
+    seen: dict[str, OpShape] = {}
+    handles = []
+
+    def hook_for(name):
+        def hook(m, args):
+            x = args[0]
+            if isinstance(m, nn.Conv2d):
+                if m.groups not in (1, m.in_channels) or (m.groups > 1 and m.in_channels != m.out_channels):
+                    seen[name] = OpShape("unsupported")
+                    return
+                seen[name] = OpShape("conv", tuple(m.kernel_size), tuple(m.stride), _pad(m), tuple(m.dilation),
+                                     m.groups > 1, tuple(x.shape[2:]), m.bias is not None)
+            else:
+                seen[name] = OpShape("linear", spatial=tuple(x.shape[1:-1]), bias=m.bias is not None)
+        return hook
+
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            handles.append(m.register_forward_pre_hook(hook_for(name)))
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            raise UserError(f"latency-aware pruning handles 2-D convolutions; {name} is a {type(m).__name__}")
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _pad(m: nn.Conv2d) -> tuple[int, ...]:
+    if isinstance(m.padding, str):
+        if m.padding == "valid":
+            return (0, 0)
+        return tuple(d * (k - 1) // 2 for k, d in zip(m.kernel_size, m.dilation))  # "same" at stride 1
+    return tuple(m.padding)
+
+
+def _conv_module(op: OpShape, c_in: int, c_out: int) -> nn.Module:
+    if op.kind == "conv":
+        groups = c_in if op.depthwise else 1
+        return nn.Conv2d(c_in, c_in if op.depthwise else c_out, op.kernel, op.stride, op.padding, op.dilation,
+                         groups=groups, bias=op.bias)
+    return nn.Linear(c_in, c_out, bias=op.bias)
+
+
+def _input_shape(op: OpShape, batch: int, c_in: int) -> tuple[int, ...]:
+    return (batch, c_in, *op.spatial) if op.kind == "conv" else (batch, *op.spatial, c_in)
+
+
+class _OrtTimer:
+    """One-node ONNX graphs built directly with onnx.helper (exporting each layer through torch.onnx would
+    take seconds per entry; a table needs hundreds)."""
+
+    def __init__(self, threads: int | None):
+        self.threads = threads
+
+    def _session(self, node_fn, x_shape):
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        nodes, inits, _ = node_fn()
+        graph = helper.make_graph(nodes, "op", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if self.threads:
+            so.intra_op_num_threads, so.inter_op_num_threads = self.threads, 1
+        return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+
+    def op(self, op: OpShape, batch: int, c_in: int, c_out: int, min_time_s: float) -> float:
+        from onnx import helper, numpy_helper
+
+        rng = np.random.default_rng(0)
+        x_shape = _input_shape(op, batch, c_in)
+
+        def nodes():
+            if op.kind == "conv":
+                out_c = c_in if op.depthwise else c_out
+                groups = c_in if op.depthwise else 1
+                w = rng.standard_normal((out_c, c_in // groups, *op.kernel)).astype(np.float32) * 0.01
+                inits = [numpy_helper.from_array(w, "w")]
+                ins = ["x", "w"]
+                if op.bias:
+                    inits.append(numpy_helper.from_array(np.zeros(out_c, np.float32), "b"))
+                    ins.append("b")
+                pads = list(op.padding) * 2
+                return [helper.make_node("Conv", ins, ["y"], kernel_shape=list(op.kernel), strides=list(op.stride),
+                                         pads=pads, dilations=list(op.dilation), group=groups)], inits, None
+            w = rng.standard_normal((c_in, c_out)).astype(np.float32) * 0.01
+            inits = [numpy_helper.from_array(w, "w")]
+            ns = [helper.make_node("MatMul", ["x", "w"], ["y" if not op.bias else "m"])]
+            if op.bias:
+                inits.append(numpy_helper.from_array(np.zeros(c_out, np.float32), "b"))
+                ns.append(helper.make_node("Add", ["m", "b"], ["y"]))
+            return ns, inits, None
+
+        return _time(self._session(nodes, x_shape), x_shape, min_time_s)
+
+    def overhead(self, shape: tuple[int, ...], min_time_s: float) -> float:
+        from onnx import helper
+
+        sess = self._session(lambda: ([helper.make_node("Identity", ["x"], ["y"])], [], None), shape)
+        return _time(sess, shape, min_time_s)
+
+
+def _time(sess, shape, min_time_s: float) -> float:
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    for _ in range(3):
+        sess.run(None, {"x": x})
+    lat = []
+    t_end = time.perf_counter() + min_time_s
+    while len(lat) < 7 or (time.perf_counter() < t_end and len(lat) < 500):
+        t0 = time.perf_counter()
+        sess.run(None, {"x": x})
+        lat.append(time.perf_counter() - t0)
+    return float(np.median(lat)) * 1000.0
+
+
+class _TorchTimer:
+    def __init__(self, device: str, threads: int | None):
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            from compressor.errors import NotAvailable
+
+            raise NotAvailable("torch on CUDA", "no CUDA device (torch.cuda.is_available() is False)")
+        if threads:
+            torch.set_num_threads(threads)
+
+    @torch.inference_mode()
+    def _run(self, fn, x, min_time_s: float) -> float:
+        for _ in range(3):
+            fn(x)
+        lat = []
+        t_end = time.perf_counter() + min_time_s
+        cuda = self.device.type == "cuda"
+        while len(lat) < 7 or (time.perf_counter() < t_end and len(lat) < 500):
+            if cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn(x)
+                b.record()
+                b.synchronize()
+                lat.append(a.elapsed_time(b))
+            else:
+                t0 = time.perf_counter()
+                fn(x)
+                lat.append((time.perf_counter() - t0) * 1000.0)
+        return float(np.median(lat))
+
+    def op(self, op: OpShape, batch: int, c_in: int, c_out: int, min_time_s: float) -> float:
+        m = _conv_module(op, c_in, c_out).to(self.device).eval()
+        x = torch.randn(_input_shape(op, batch, c_in), device=self.device)
+        return self._run(m, x, min_time_s)
+
+    def overhead(self, shape, min_time_s: float) -> float:
+        x = torch.randn(shape, device=self.device)
+        return self._run(lambda t: t.clone(), x, min_time_s)
+
+
+def fingerprint(backend: str, device: str, batch: int, threads: int | None) -> dict:
+    """What a measured table depends on: the same machine, backend, versions, batch and threads."""
+    m = sysinfo.describe()
+    gpu = (m.get("gpu") or {}).get("name") if device == "cuda" else None
+    return {"cpu": m["cpu"].get("model"), "cpus": m["cpu"].get("usable_cpus"), "gpu": gpu, "backend": backend,
+            "device": device, "batch": batch, "threads": threads,
+            "versions": {k: m["versions"].get(k) for k in ("torch", "onnxruntime")}, "format": 1}
+
+
+class LayerLatency:
+    """cost(op_key, c_in, c_out) in ms, measured lazily and cached. Call save() to keep new entries."""
+
+    def __init__(self, backend: str, device: str, batch: int, threads: int | None = None,
+                 cache_dir: Path | None = None, min_time_s: float = 0.02):
+        if backend not in LATENCY_BACKENDS:
+            raise UserError(f"--latency-backend must be one of {', '.join(LATENCY_BACKENDS)} (got {backend})")
+        if backend == "onnxruntime" and device != "cpu":
+            raise UserError("--latency-backend onnxruntime measures on the CPU here; use --latency-device cpu "
+                            "(or --latency-backend torch --latency-device cuda on a GPU)")
+        if batch < 1:
+            raise UserError("--latency-batch must be >= 1")
+        self.batch, self.min_time_s = batch, min_time_s
+        self.timer = _OrtTimer(threads) if backend == "onnxruntime" else _TorchTimer(device, threads)
+        self.print = fingerprint(backend, device, batch, threads)
+        digest = hashlib.sha256(json.dumps(self.print, sort_keys=True).encode()).hexdigest()[:16]
+        self.path = None if cache_dir is None else Path(cache_dir) / f"latency-{backend}-{device}-b{batch}-{digest}.json"
+        self.entries: dict[str, float] = {}
+        self.overheads: dict[str, float] = {}
+        self.ops: dict[str, OpShape] = {}
+        self.measured = self.hits = 0
+        self.measure_s = 0.0
+        self.on_measure = None  # progress callback
+        if self.path is not None and self.path.is_file():
+            try:
+                doc = json.loads(self.path.read_text())
+                if doc.get("fingerprint") == self.print:
+                    self.entries = {k: float(v) for k, v in doc.get("entries", {}).items()}
+                    self.overheads = {k: float(v) for k, v in doc.get("overheads", {}).items()}
+            except (json.JSONDecodeError, OSError, TypeError, ValueError, AttributeError):
+                self.entries = {}  # an unreadable cache is rebuilt, not trusted
+
+    def register(self, op: OpShape) -> str:
+        self.ops[op.key] = op
+        return op.key
+
+    def __call__(self, key: str, c_in: int, c_out: int) -> float:
+        entry = f"{key}|{c_in}|{c_out}"
+        if entry in self.entries:
+            self.hits += 1
+            return self.entries[entry]
+        op = self.ops[key]
+        t0 = time.perf_counter()
+        shape = _input_shape(op, self.batch, c_in)
+        okey = json.dumps(shape)
+        if okey not in self.overheads:
+            self.overheads[okey] = self.timer.overhead(shape, self.min_time_s)
+        ms = max(0.0, self.timer.op(op, self.batch, c_in, c_out, self.min_time_s) - self.overheads[okey])
+        self.measure_s += time.perf_counter() - t0
+        self.entries[entry] = ms
+        self.measured += 1
+        if self.on_measure is not None:
+            self.on_measure()
+        return ms
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_json(self.path, {"fingerprint": self.print, "entries": self.entries, "overheads": self.overheads})
+        except OSError as e:
+            raise UserError(f"cannot write the latency cache {self.path}: {e.strerror}") from None
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "compress" / "latency"

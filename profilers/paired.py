@@ -1,0 +1,52 @@
+"""Whole-model latency of a parent and a child, measured in interleaved rounds on one backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch.nn as nn
+
+from . import stats
+from .runners import OrtRunner, Runner, TorchRunner, measure
+
+
+def model_runner(model: nn.Module, backend: str, device: str, batch: int, shape: tuple[int, int, int], workdir: Path,
+                 name: str, threads: int | None = None) -> Runner:
+    """A runner for an in-memory model: torch directly, ONNX Runtime through a checked ONNX export."""
+    if backend == "torch":
+        return TorchRunner(model, shape, batch, device)
+    from exporters.onnx_export import export
+
+    x = np.random.default_rng(0).standard_normal((8, *shape)).astype(np.float32)
+    path = workdir / f"{name}.onnx"
+    export(model.cpu().eval(), shape, path, inputs=x, inputs_are="8 random inputs")
+    return OrtRunner(path, batch, device, threads)
+
+
+def paired(base: Runner, child: Runner, rounds: int = 9, warmup: int = 5, min_iters: int = 20,
+           min_time_s: float = 0.2) -> dict:
+    """Median latency of each (ms) and the paired speedup with its confidence interval."""
+    b, c = [], []
+    for i in range(rounds):
+        w = warmup if i == 0 else 2
+        b.append(float(np.median(measure(base, w, min_iters, min_time_s))))
+        c.append(float(np.median(measure(child, w, min_iters, min_time_s))))
+    return {"parent_ms": float(np.median(b)), "child_ms": float(np.median(c)), "speedup": stats.paired_speedup(b, c)}
+
+
+def single(runner: Runner, rounds: int = 5, warmup: int = 5, min_iters: int = 20, min_time_s: float = 0.2) -> float:
+    """Median over rounds of the per-round median latency (ms)."""
+    return float(np.median([np.median(measure(runner, warmup if i == 0 else 2, min_iters, min_time_s))
+                            for i in range(rounds)]))
+
+
+def latency_record(onnx_path: Path) -> dict:
+    """The build machine's latency for an ONNX graph (ONNX Runtime, CPU, batch 1), as bundles record it."""
+    from . import sysinfo
+
+    lat = measure(OrtRunner(onnx_path, 1, "cpu"), 5, 30, 0.5)
+    s = stats.summary(lat, 1)
+    return {"machine": sysinfo.one_line(sysinfo.describe()), "backend": "onnxruntime cpu", "batch_size": 1,
+            "latency_ms": {k: round(s[k], 4) for k in ("p50", "p90", "p99", "mean", "std")},
+            "throughput_ips": round(s["throughput_ips"], 1)}

@@ -1,0 +1,167 @@
+"""Latency-aware pruning: the width solver on synthetic latency tables, the on-disk table cache, and one
+end-to-end prune with a real (tiny) measured table. Measurement-heavy checks live in bench/latency_aware.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from compressor.errors import UserError
+from compressor.latency_plan import Group, Layer, ladder, plan_widths, predict, removal_indices
+
+
+def _chain(n_groups=3, width=64):
+    """conv0 (3 -> g0) -> conv1 (g0 -> g1) -> ... -> linear head (g_last -> 10)."""
+    rng = np.random.default_rng(0)
+    groups = [Group(f"g{i}", width, rng.random(width) + 0.5) for i in range(n_groups)]
+    layers = [Layer("conv0", "conv", None, "g0", in_fixed=3)]
+    layers += [Layer(f"conv{i}", "conv", f"g{i - 1}", f"g{i}") for i in range(1, n_groups)]
+    layers.append(Layer("head", "linear", f"g{n_groups - 1}", None, out_fixed=10))
+    return groups, layers
+
+
+def test_widths_the_hardware_dislikes_are_avoided():
+    """Widths that are not a multiple of 16 cost twice as much: every chosen width is a multiple of 16,
+    although the ladder offers every width."""
+    def cost(sig, c_in, c_out):
+        base = 1e-3 * c_in * c_out
+        return base * (2.0 if (c_in % 16 or c_out % 16) else 1.0)
+
+    groups, layers = _chain()
+    for g in groups:
+        g.ladder = list(range(1, g.n + 1))
+    parent = predict(layers, {g.name: g.n for g in groups}, cost, 0.1)
+    plan = plan_widths(groups, layers, cost, parent / 2, offset_ms=0.1)
+    assert plan.predicted_ms <= parent / 2
+    assert all(w % 16 == 0 for w in plan.widths.values()), plan.widths
+    assert plan.predicted_speedup >= 2
+
+
+def test_least_important_group_goes_first():
+    """With equal costs, the group whose units matter least loses the most."""
+    def cost(sig, c_in, c_out):
+        return 1e-3 * c_in * c_out
+
+    groups, layers = _chain(n_groups=2, width=32)
+    groups[0].scores[:] = 10.0
+    groups[1].scores[:] = 0.1
+    groups[0].sorted_scores = np.sort(groups[0].scores)
+    groups[1].sorted_scores = np.sort(groups[1].scores)
+    parent = predict(layers, {g.name: g.n for g in groups}, cost, 0.0)
+    plan = plan_widths(groups, layers, cost, 0.7 * parent)
+    assert plan.widths["g1"] < plan.widths["g0"]
+
+
+def test_unreachable_budget_is_refused_in_one_line():
+    def cost(sig, c_in, c_out):
+        return 1.0  # nothing gets faster with fewer channels
+
+    groups, layers = _chain()
+    with pytest.raises(UserError, match="cannot be reached"):
+        plan_widths(groups, layers, cost, 0.5)
+
+
+def test_removal_takes_the_least_important_units():
+    g = Group("g", 6, [5.0, 1.0, 3.0, 0.5, 4.0, 2.0])
+    assert removal_indices(g, 3) == [1, 3, 5]
+    assert removal_indices(g, 6) == []
+
+
+def test_ladder_includes_multiples_of_8_and_respects_round_to():
+    assert ladder(64, 16) == [16, 32, 48, 64]
+    lad = ladder(100)
+    assert lad[-1] == 100 and {8, 16, 96} <= set(lad) and lad == sorted(lad)
+
+
+# ----------------------------------------------------------------------------- the measured table and its cache
+def test_cache_hit_miss_and_fingerprint(tmp_path, monkeypatch):
+    from profilers import layer_latency as ll
+
+    calls = []
+
+    class FakeTimer:
+        def op(self, op, batch, c_in, c_out, min_time_s):
+            calls.append((c_in, c_out))
+            return 1.0 + c_in * c_out / 100.0
+
+        def overhead(self, shape, min_time_s):
+            return 0.5
+
+    monkeypatch.setattr(ll, "_OrtTimer", lambda threads: FakeTimer())
+    op = ll.OpShape("conv", (3, 3), (1, 1), (1, 1), (1, 1), False, (8, 8), True)
+    t = ll.LayerLatency("onnxruntime", "cpu", 1, None, tmp_path)
+    key = t.register(op)
+    assert t(key, 4, 8) == pytest.approx(0.5 + 0.32)  # overhead subtracted
+    t(key, 4, 8)
+    assert (t.measured, t.hits, len(calls)) == (1, 1, 1)
+    t.save()
+    again = ll.LayerLatency("onnxruntime", "cpu", 1, None, tmp_path)
+    again.register(op)
+    again(key, 4, 8)
+    assert len(calls) == 1 and again.hits == 1  # read from disk
+    doc = json.loads(t.path.read_text())
+    assert doc["fingerprint"]["backend"] == "onnxruntime" and doc["fingerprint"]["batch"] == 1
+    monkeypatch.setattr(ll, "fingerprint", lambda *a: {"cpu": "another machine"})
+    other = ll.LayerLatency("onnxruntime", "cpu", 1, None, tmp_path)
+    other.register(op)
+    other(key, 4, 8)
+    assert len(calls) == 2  # a different machine never reads this machine's numbers
+    batch8 = ll.LayerLatency("onnxruntime", "cpu", 8, None, tmp_path)
+    assert batch8.path != t.path
+
+
+def test_real_onnxruntime_entry_grows_with_width():
+    from profilers.layer_latency import LayerLatency, OpShape
+
+    t = LayerLatency("onnxruntime", "cpu", 8, 1, None, min_time_s=0.05)
+    key = t.register(OpShape("conv", (3, 3), (1, 1), (1, 1), (1, 1), False, (16, 16), True))
+    small, big = t(key, 4, 4), t(key, 64, 64)
+    assert 0 <= small < big
+
+
+def test_end_to_end_latency_aware_prune(cli, cnn_parent, tmp_path):
+    """A real measured table on this CPU; the command reports predicted and measured speedups and records
+    them; the written child reloads. (Whether the target is met is the benchmark's business.)"""
+    out = tmp_path / "fast"
+    code, text, err = cli("prune", "--model", cnn_parent, "--target-speedup", "1.3", "--latency-batch", "8",
+                          "--latency-cache", tmp_path / "cache", "--latency-rounds", "3", "--latency-iterations", "1", "--threads", "1",
+                          "--out", out, "-q", expect=None)
+    if code == 2:  # a target this machine cannot reach is refused in one line, nothing written
+        assert "cannot be reached" in err and not out.exists()
+        return
+    assert code == 0, err
+    assert "predicted" in text and "measured" in text
+    rec = json.loads((out / "model.json").read_text())
+    lat = rec["lineage"][-1]["metrics"]["latency"]
+    assert lat["predicted_speedup"] >= 1.3 and lat["measured_parent_ms"] > 0 and len(lat["speedup_ci"]) == 2
+    assert list((tmp_path / "cache").glob("latency-onnxruntime-cpu-b8-*.json"))
+    cli("info", out)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--target-speedup", "0.5"], "above 1"),
+    (["--target-speedup", "2", "--target-latency-ms", "3"], "one of"),
+    (["--target-speedup", "2", "--latency-backend", "tvm"], "--latency-backend"),
+    (["--target-speedup", "2", "--latency-batch", "0"], "--latency-batch"),
+    (["--target-speedup", "2", "--structure", "layers", "--num-blocks", "1"], "--structure width"),
+])
+def test_bad_latency_options_are_refused_before_any_work(cli, cnn_parent, tmp_path, args, words):
+    out = tmp_path / "x"
+    _, _, err = cli("prune", "--model", cnn_parent, *args, "--out", out, expect=2)
+    assert words in err and not out.exists()
+
+
+def test_ladder_floor_and_best_effort_plan():
+    assert ladder(16, min_fraction=0.2) == list(range(4, 17))
+    assert ladder(64, 16, min_fraction=0.3) == [32, 48, 64]
+
+    def cost(sig, c_in, c_out):
+        return 1e-3 * c_in * c_out
+
+    groups, layers = _chain(width=32)
+    for g in groups:
+        g.ladder = ladder(32, min_fraction=0.5)
+    plan = plan_widths(groups, layers, cost, 0.0, best_effort=True)  # out of reach: the fastest allowed plan
+    assert all(w == 16 for w in plan.widths.values())

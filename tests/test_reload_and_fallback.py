@@ -1,0 +1,115 @@
+"""A written model directory always reloads; torch-pruning's failures on some groups leave those groups
+alone instead of refusing the model; --round-to rounds to the nearest multiple; nothing pruned is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from compressor import modeldir, pruning
+from compressor.data import DataSpec, InputSpec
+from compressor.errors import UserError
+from compressor.modeldir import ModelRecord, load_model_dir, save_model_dir
+from compressor.models import ArchSpec, build
+from compressor.pruning import WidthConfig, prune_width, round_kept
+
+SPEC16 = InputSpec(3, 16, 16, (0.5,) * 3, (0.25,) * 3)
+
+
+def _record(arch, spec=SPEC16):
+    return ModelRecord(arch, 10, spec, [str(i) for i in range(10)], DataSpec("digits"))
+
+
+def test_read_only_width_properties_reload(tmp_path):
+    """timm's ConvNormAct exposes out_channels as a read-only property: pruned RegNet/RepVGG reload."""
+    arch = ArchSpec("timm", "regnetx_002")
+    torch.manual_seed(0)
+    model = build(arch, 10).eval()
+    prune_width(model, SPEC16, WidthConfig(metric="l1", sparsity=0.5))
+    save_model_dir(tmp_path / "m", model, _record(arch))
+    changed = json.loads((tmp_path / "m" / "model.json").read_text())["changed_modules"]
+    assert changed and not any("out_channels" in c["attrs"] and c["type"] == "ConvNormAct" for c in changed.values())
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(load_model_dir(tmp_path / "m").model(x), model(x))
+
+
+def test_directory_that_would_not_reload_is_never_written(tmp_path, monkeypatch):
+    arch = ArchSpec("compress", "resnet20", {"width": 8})
+    model = build(arch, 10).eval()
+    prune_width(model, SPEC16, WidthConfig(metric="l1", sparsity=0.5))
+    monkeypatch.setattr(modeldir, "structure_diff", lambda m, ref: {})  # forget the pruned shapes
+    with pytest.raises(UserError, match="would not load again"):
+        save_model_dir(tmp_path / "m", model, _record(arch))
+    assert not list(tmp_path.iterdir())
+
+
+class TwoBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_groups_torch_pruning_breaks_are_left_alone(monkeypatch):
+    """A group whose surgery breaks the model (here: any change to b's width) is found and left alone;
+    the other groups are pruned."""
+    real = pruning.check_runs
+
+    def check(model, spec, when):
+        if model.b.out_channels != 8:
+            raise UserError("TwoBranch does not run after pruning (b is special)")
+        real(model, spec, when)
+
+    monkeypatch.setattr(pruning, "check_runs", check)
+    model = TwoBranch().eval()
+    report = prune_width(model, SPEC16, WidthConfig(metric="l1", sparsity=0.5))
+    assert list(report.left_alone) == ["b"] and "b is special" in report.left_alone["b"]
+    assert (model.a.out_channels, model.b.out_channels, model.c.out_channels) == (4, 8, 4)
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_nothing_pruned_is_refused():
+    model = TwoBranch().eval()
+    with pytest.raises(UserError, match="nothing was pruned"):
+        prune_width(model, SPEC16, WidthConfig(metric="l1", sparsity=0.1, round_to=8))  # 7 kept rounds back to 8
+
+
+@pytest.mark.parametrize("keep,width,multiple,want", [(12, 16, 16, 16), (4, 16, 16, 16), (23, 32, 16, 16),
+                                                      (24, 32, 16, 32), (40, 64, 16, 48), (5, 6, 8, 6), (9, 64, 8, 8)])
+def test_round_kept_is_nearest_and_never_empty(keep, width, multiple, want):
+    assert round_kept(keep, width, multiple) == want
+
+
+def test_round_to_16_prunes_resnet56_at_25_percent():
+    """Rounding down refused this outright (it would empty every 16-channel conv of the first stage)."""
+    model = build(ArchSpec("compress", "resnet56"), 10).eval()
+    spec = InputSpec(3, 32, 32, (0.5,) * 3, (0.25,) * 3)
+    prune_width(model, spec, WidthConfig(metric="l2", sparsity=0.25, round_to=16))
+    widths = {m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)}
+    assert widths <= {16, 32, 48, 64} and 48 in widths  # 32 * 0.75 = 24 -> 32; 64 * 0.75 = 48
+
+
+def test_non_finite_weights_are_never_written_nor_exported(tmp_path):
+    import numpy as np
+
+    from exporters.onnx_export import export
+
+    arch = ArchSpec("compress", "resnet20", {"width": 4})
+    model = build(arch, 10).eval()
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match="non-finite"):
+        save_model_dir(tmp_path / "m", model, _record(arch))
+    x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    with pytest.raises(UserError, match="not finite"):
+        export(model, (3, 16, 16), tmp_path / "m.onnx", inputs=x, inputs_are="random")
+    assert not list(tmp_path.iterdir())
