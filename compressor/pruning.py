@@ -247,6 +247,55 @@ def _importance(model, pruner, infos, spec, cfg, calib, device, reporter):
     return imp.ByKind(kinds, by_kind)
 
 
+def _window_attentions(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """timm's Swin window attention: heads own rows of qkv, columns of proj and of the relative-position
+    bias table, which torch-pruning cannot trace (the table is indexed, not multiplied)."""
+    try:
+        from timm.models.swin_transformer import WindowAttention
+    except ImportError:  # pragma: no cover - timm always has Swin
+        return []
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, WindowAttention)]
+
+
+@torch.no_grad()
+def prune_window_heads(model: nn.Module, cfg: WidthConfig) -> dict[str, list[int]]:
+    """Remove ceil(sparsity * heads) heads of every Swin window attention (at least one kept), ranked by
+    the L1/L2 norm of their qkv rows and proj columns (random: seeded); slicing by hand keeps
+    num_heads, qkv, proj and the bias table consistent."""
+    out = {}
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for name, a in _window_attentions(model):
+        n, hd = a.num_heads, a.qkv.out_features // (3 * a.num_heads)
+        remove = min(math.ceil(cfg.sparsity * n), n - 1)
+        if remove <= 0:
+            continue
+        w = a.qkv.weight.view(3, n, hd, -1)
+        pw = a.proj.weight.view(a.proj.out_features, n, hd)
+        if cfg.metric == "random":
+            score = torch.rand(n, generator=gen)
+        else:
+            p = 1 if cfg.metric == "l1" else 2  # data-driven metrics rank window heads by L2 magnitude
+            score = w.abs().pow(p).sum((0, 2, 3)) + pw.abs().pow(p).sum((0, 2))
+        keep = torch.sort(torch.argsort(score, descending=True)[: n - remove]).values
+        rows = torch.cat([(s * n + keep)[:, None] * hd + torch.arange(hd) for s in range(3)]).flatten()
+        cols = (keep[:, None] * hd + torch.arange(hd)).flatten()
+        dev = a.qkv.weight.device
+        rows, cols = rows.to(dev), cols.to(dev)
+        new_qkv = nn.Linear(a.qkv.in_features, len(rows), bias=a.qkv.bias is not None).to(dev)
+        new_qkv.weight.copy_(a.qkv.weight[rows])
+        if a.qkv.bias is not None:
+            new_qkv.bias.copy_(a.qkv.bias[rows])
+        new_proj = nn.Linear(len(cols), a.proj.out_features, bias=a.proj.bias is not None).to(dev)
+        new_proj.weight.copy_(a.proj.weight[:, cols])
+        if a.proj.bias is not None:
+            new_proj.bias.copy_(a.proj.bias)
+        a.qkv, a.proj = new_qkv, new_proj
+        a.relative_position_bias_table = nn.Parameter(a.relative_position_bias_table[:, keep.to(dev)].clone())
+        a.num_heads = len(keep)
+        out[name] = [n, a.num_heads]
+    return out
+
+
 def _fix_attention(model: nn.Module, pruner) -> dict[str, list[int]]:
     from timm.layers import Attention
 
@@ -296,6 +345,8 @@ def _prune_once(model: nn.Module, spec: InputSpec, cfg: WidthConfig, skip: froze
             pruner.step()
         model.zero_grad(set_to_none=True)
         heads = _fix_attention(model, pruner) if is_vit(model) else {}
+        if "heads" in cfg.scope and cfg.sparsity > 0:
+            heads.update(prune_window_heads(model, cfg))
         check_runs(model, spec, "after pruning")
     except UserError as e:
         raise SurgeryFailed(str(e)) from None
@@ -339,15 +390,19 @@ def find_unprunable(original: nn.Module, spec: InputSpec, cfg: WidthConfig, name
 
 
 def prune_width(model: nn.Module, spec: InputSpec, cfg: WidthConfig, calib: ImageSet | None = None,
-                device: str | torch.device = "cpu", reporter: Reporter = QUIET) -> WidthReport:
+                device: str | torch.device = "cpu", reporter: Reporter = QUIET,
+                original: nn.Module | None = None) -> WidthReport:
     """Prune `model` in place. Returns per-layer widths before/after, and the groups left alone.
 
     Where torch-pruning cannot remove some group correctly (its surgery breaks the model), those groups
-    are found, left alone and reported, and the rest is pruned."""
+    are found, left alone and reported, and the rest is pruned. `original`: an untouched copy of `model`
+    the caller already holds (saves a copy of a large model)."""
     validate(cfg)
     model.eval()
     before = _widths(model)
-    original = clone(model)
+    here = next(model.parameters()).device
+    if original is None or next(original.parameters()).device != here:
+        original = clone(model)  # only read from: trials and the restore work on copies of it
     left_alone: dict[str, str] = {}
     try:
         infos, heads = _prune_once(model, spec, cfg, frozenset(), calib, device, reporter)

@@ -216,7 +216,7 @@ def width_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, calib_siz
     before = measure(model, spec, ds, device)
     calib = ds.calibration(calib_size, cfg.seed) if ds is not None else None
     t0 = time.perf_counter()
-    report = prune_width(model, spec, cfg, calib, device, reporter)
+    report = prune_width(model, spec, cfg, calib, device, reporter, original=lm.model)
     prune_s = time.perf_counter() - t0
     after = measure(model, spec, ds, device)
     rec = lm.record.child()

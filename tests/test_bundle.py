@@ -208,7 +208,7 @@ def test_fuzzed_manifests_fail_in_one_line(bundle, tmp_path_factory):
     paths = [(k,) for k in base] + [("samples", k) for k in base["samples"]] + [("runtime", k) for k in base["runtime"]] \
         + [("preprocessing", k) for k in base["preprocessing"]]
 
-    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
     @given(path=st.sampled_from(paths), value=values)
     def check(path, value):
         m = json.loads(json.dumps(base))

@@ -41,7 +41,7 @@ def test_dataloader_path_trains_too(cli, cnn_parent, tmp_path):
     assert load_model_dir(tmp_path / "ft").record.metrics["top1"] > 0
 
 
-ARGS = ["finetune", "--model", "resnet20", "--model-arg", "width=12", "--input-size", "32", "--data", "digits",
+ARGS = ["finetune", "--model", "resnet20", "--model-arg", "width=12", "--input-size", "24", "--data", "digits",
         "--epochs", "4", "--lr", "2e-3", "--batch-size", "32", "--device", "cpu", "--quiet", "--seed", "3"]
 
 

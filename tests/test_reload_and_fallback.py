@@ -4,6 +4,7 @@ alone instead of refusing the model; --round-to rounds to the nearest multiple; 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -113,3 +114,23 @@ def test_non_finite_weights_are_never_written_nor_exported(tmp_path):
     with pytest.raises(UserError, match="not finite"):
         export(model, (3, 16, 16), tmp_path / "m.onnx", inputs=x, inputs_are="random")
     assert not list(tmp_path.iterdir())
+
+
+def test_swin_window_heads_are_pruned_and_reload(tmp_path):
+    """timm Swin: heads (qkv rows, proj columns, relative-position bias columns) and FFN neurons go; the
+    directory reloads to the same function."""
+    arch = ArchSpec("timm", "swin_tiny_patch4_window7_224", {"img_size": 64, "depths": [2, 2, 2, 2]})
+    torch.manual_seed(0)
+    model = build(arch, 10).eval()
+    spec = InputSpec(3, 64, 64, (0.5,) * 3, (0.25,) * 3)
+    before = {n: m.num_heads for n, m in model.named_modules() if type(m).__name__ == "WindowAttention"}
+    report = prune_width(model, spec, WidthConfig(metric="l2", sparsity=0.5))
+    after = {n: m.num_heads for n, m in model.named_modules() if type(m).__name__ == "WindowAttention"}
+    assert all(after[n] == b - math.ceil(b / 2) for n, b in before.items()), (before, after)
+    assert report.heads and any(v[0] > v[1] for v in report.heads.values())
+    for n, m in model.named_modules():
+        if type(m).__name__ == "WindowAttention":
+            assert m.relative_position_bias_table.shape[1] == m.num_heads == m.qkv.out_features // (3 * 32)
+    save_model_dir(tmp_path / "m", model, _record(arch, spec))
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(load_model_dir(tmp_path / "m").model(x), model(x), atol=1e-6)
