@@ -153,9 +153,12 @@ def test_vit_b16_parameter_deltas_match_seed_000(metric):
     structure only; the other metrics take the same path (test_vit_metric_removes_heads_and_neurons)."""
     import timm
 
+    import copy
+
     spec = InputSpec(3, 224, 224, (0.5,) * 3, (0.5,) * 3)
+    vit_b = timm.create_model("vit_base_patch16_224", num_classes=100).eval()
     for s, removed in ((0.25, 21_249_792), (0.5, 42_499_584), (0.75, 63_749_376)):
-        m = timm.create_model("vit_base_patch16_224", num_classes=100).eval()
+        m = copy.deepcopy(vit_b)
         before = sum(p.numel() for p in m.parameters())
         assert before == 85_875_556
         prune_width(m, spec, WidthConfig(metric=metric, sparsity=s))
