@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from compressor import __version__, atomic
 from compressor.errors import GateFailed, UserError

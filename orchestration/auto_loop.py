@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from compressor.errors import UserError
 from compressor.evaluate import evaluate
 from compressor.finetune import TrainConfig, train
 from compressor.layers import choose_blocks, conv_channels, find_blocks, removable, score_blocks
-from compressor.modeldir import LoadedModel, ModelRecord, remove_blocks, run_info, save_model_dir
+from compressor.modeldir import LoadedModel, remove_blocks, run_info, save_model_dir
 from compressor.models import clone
 from compressor.progress import QUIET, Reporter
 from compressor.similarity import linear_cka, penultimate

@@ -11,10 +11,9 @@ import csv
 import hashlib
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from compressor import atomic
 from compressor.data import Dataset
