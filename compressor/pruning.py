@@ -116,7 +116,7 @@ MAX_GROUP_ITEMS = 5_000  # real groups are far smaller (measured: ViT-B/16 180, 
 
 
 class GraphBlowUp(Exception):
-    pass
+    """A torch-pruning group grew past MAX_GROUP_ITEMS."""
 
 
 @contextlib.contextmanager
@@ -161,15 +161,14 @@ def _build_pruner(model: nn.Module, spec: InputSpec, cfg: WidthConfig, skip: fro
     if not is_vit(model):
         if not fc1s:
             pruner = _Pruner(model, example, placeholder, pruning_ratio=cfg.sparsity, ignored_layers=ignored,
-                                          root_module_types=[nn.modules.conv._ConvNd], **common)
+                             root_module_types=[nn.modules.conv._ConvNd], **common)
             return pruner, set()
         # Hybrids and non-timm-Attention transformers (Swin, MobileViT...): channels of convs and FFN neurons;
         # a group that also writes through another linear layer (a residual stream) is left alone.
         fc1_ids = {id(f) for f in fc1s}
         others = [m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in fc1_ids]
-        pruner = _Pruner(model, example, placeholder, pruning_ratio=cfg.sparsity,
-                                      ignored_layers=ignored + others,
-                                      root_module_types=[nn.modules.conv._ConvNd, nn.Linear], **common)
+        pruner = _Pruner(model, example, placeholder, pruning_ratio=cfg.sparsity, ignored_layers=ignored + others,
+                         root_module_types=[nn.modules.conv._ConvNd, nn.Linear], **common)
         return pruner, fc1_ids
     from timm.layers import Attention
 
@@ -408,7 +407,8 @@ def prune_width(model: nn.Module, spec: InputSpec, cfg: WidthConfig, calib: Imag
         infos, heads = _prune_once(model, spec, cfg, frozenset(), calib, device, reporter)
     except SurgeryFailed as e:
         first = str(e)
-        names = [i.name for i in describe(*_pruner_and_ffn(original, spec, cfg))]
+        pruner, ffn_ids = _make_pruner(original, spec, cfg)
+        names = [i.name for i in describe(pruner, original, ffn_ids)]
         left_alone = find_unprunable(original, spec, cfg, names, device, reporter)
         if not left_alone or len(left_alone) == len(names):
             raise UserError(f"torch-pruning cannot prune {type(model).__name__}: {first}") from None
@@ -432,11 +432,6 @@ def prune_width(model: nn.Module, spec: InputSpec, cfg: WidthConfig, calib: Imag
     )
 
 
-def _pruner_and_ffn(model: nn.Module, spec: InputSpec, cfg: WidthConfig):
-    pruner, ffn_ids = _make_pruner(model, spec, cfg)
-    return pruner, model, ffn_ids
-
-
 def _restore(model: nn.Module, original: nn.Module) -> None:
     """Put `original`'s modules back into `model` (whose surgery failed half-way)."""
     for name, child in list(original.named_children()):
@@ -458,10 +453,29 @@ def check_runs(model: nn.Module, spec: InputSpec, when: str) -> None:
             model.eval()(x)
     except Exception as e:
         raise UserError(f"{type(model).__name__} does not run {when} on {spec.channels}x{spec.height}x{spec.width} inputs "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+                        f"({_first_line(e)})") from None
 
 
 # ----------------------------------------------------------------------------- per-group widths (latency-aware)
+def channel_groups(model: nn.Module, spec: InputSpec, cfg: WidthConfig | None = None):
+    """(pruner, groups with more than one unit) of a CNN's channels."""
+    if is_vit(model):
+        raise UserError("latency-aware pruning handles CNN channels; for a ViT use --sparsity")
+    model.eval()
+    pruner, ffn_ids = _make_pruner(model, spec, cfg or WidthConfig())
+    infos = [i for i in describe(pruner, model, ffn_ids) if i.n_units > 1]
+    if not infos:
+        raise UserError("nothing to prune: the model has no prunable channel group")
+    return pruner, infos
+
+
+def prune_to_widths(model: nn.Module, spec: InputSpec, remove: dict[str, list[int]]) -> dict:
+    """Remove the given root indices from each named channel group of `model` (its groups are found on
+    `model` itself); returns widths before/after."""
+    pruner, infos = channel_groups(model, spec)
+    return apply_widths(model, spec, pruner, infos, {i.name: remove[i.name] for i in infos if i.name in remove})
+
+
 def unit_scores(model: nn.Module, spec: InputSpec, cfg: WidthConfig, calib: ImageSet | None = None,
                 device: str | torch.device = "cpu", reporter: Reporter = QUIET):
     """(pruner, groups, {group name: importance per unit}) for CNN channel groups, scores comparable
@@ -469,14 +483,8 @@ def unit_scores(model: nn.Module, spec: InputSpec, cfg: WidthConfig, calib: Imag
     ranking does; kl is an absolute damage already)."""
     import numpy as np
 
-    if is_vit(model):
-        raise UserError("latency-aware pruning handles CNN channels; for a ViT use --sparsity")
     validate(cfg)
-    model.eval()
-    pruner, ffn_ids = _make_pruner(model, spec, cfg)
-    infos = [i for i in describe(pruner, model, ffn_ids) if i.n_units > 1]
-    if not infos:
-        raise UserError("nothing to prune: the model has no prunable channel group")
+    pruner, infos = channel_groups(model, spec, cfg)
     for i in infos:
         i.n_remove = i.n_units - 1  # score every unit
     scorer = _importance(model, pruner, infos, spec, cfg, calib, device, reporter)

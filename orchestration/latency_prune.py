@@ -23,7 +23,7 @@ from compressor.latency_plan import Group, Layer, ladder, plan_widths, removal_i
 from compressor.modeldir import LoadedModel, ModelRecord, run_info
 from compressor.models import clone
 from compressor.progress import QUIET, Reporter
-from compressor.pruning import WidthConfig, apply_widths, layer_groups, unit_scores
+from compressor.pruning import WidthConfig, layer_groups, prune_to_widths, unit_scores
 from compressor.workflows import measure
 from profilers.layer_latency import LayerLatency, op_shapes
 from profilers.paired import model_runner, paired
@@ -93,11 +93,7 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
                                    on_step=lambda ms: advance(1, info=f"{ms:.3f} ms, {table.measured} layers measured"))
             table.on_measure = None
             table.save()
-            child = clone(parent)
-            c_pruner, c_infos, _ = unit_scores(child, spec, WidthConfig(metric="l1", sparsity=0.5, seed=cfg.seed), None, device)
-            by_name = {g.name: g for g in groups}
-            changed = apply_widths(child, spec, c_pruner, c_infos,
-                                   {i.name: removal_indices(by_name[i.name], plan.widths[i.name]) for i in c_infos if i.name in by_name})
+            child, changed = _with_widths(parent, spec, groups, plan.widths)
             runner = model_runner(clone(child), target.backend, target.device, target.batch, shape, Path(tmp),
                                   f"child{attempt}", target.threads)
             with reporter.task(f"measuring parent vs child, attempt {attempt + 1}", None):
@@ -182,18 +178,20 @@ def _better(ratio: float, best_ratio: float) -> bool:
     return abs(ratio - 1) < abs(best_ratio - 1)
 
 
+def _with_widths(parent, spec, groups: list[Group], widths: dict[str, int]):
+    """A copy of `parent` with every group cut to its width (least important units first)."""
+    child = clone(parent)
+    changed = prune_to_widths(child, spec, {g.name: removal_indices(g, widths[g.name]) for g in groups})
+    return child, changed
+
+
 def _calibrate(parent, spec, groups, layers, table, target, tmp: Path, reporter) -> dict:
     """Fit whole-model latency = offset + scale * (sum of the layers measured alone) from the parent and a
     uniformly half-width copy, both measured whole on the target: layers timed alone miss graph-level
     fusion and layout work, and the rest of the network (adds, pooling, overhead) is not in the sum."""
     shape = (spec.channels, spec.height, spec.width)
-    half = clone(parent)
     half_widths = {g.name: min(g.ladder, key=lambda k: abs(k - g.n / 2)) for g in groups}
-    # the copy's groups are found again on the copy (the pruner's groups point at the original's modules)
-    h_pruner, h_infos, _ = unit_scores(half, spec, WidthConfig(metric="l1", sparsity=0.5), None, "cpu")
-    by_name = {g.name: g for g in groups}
-    apply_widths(half, spec, h_pruner, h_infos,
-                 {i.name: removal_indices(by_name[i.name], half_widths[i.name]) for i in h_infos if i.name in by_name})
+    half, _ = _with_widths(parent, spec, groups, half_widths)
     full = {g.name: g.n for g in groups}
     with reporter.task("latency table: parent and half-width layers", 2 * len(layers)) as advance:
         s_full = s_half = 0.0

@@ -110,7 +110,7 @@ class _OrtTimer:
         import onnxruntime as ort
         from onnx import TensorProto, helper
 
-        nodes, inits, _ = node_fn()
+        nodes, inits = node_fn()
         graph = helper.make_graph(nodes, "op", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -139,21 +139,21 @@ class _OrtTimer:
                     ins.append("b")
                 pads = list(op.padding) * 2
                 return [helper.make_node("Conv", ins, ["y"], kernel_shape=list(op.kernel), strides=list(op.stride),
-                                         pads=pads, dilations=list(op.dilation), group=groups)], inits, None
+                                         pads=pads, dilations=list(op.dilation), group=groups)], inits
             w = rng.standard_normal((c_in, c_out)).astype(np.float32) * 0.01
             inits = [numpy_helper.from_array(w, "w")]
             ns = [helper.make_node("MatMul", ["x", "w"], ["y" if not op.bias else "m"])]
             if op.bias:
                 inits.append(numpy_helper.from_array(np.zeros(c_out, np.float32), "b"))
                 ns.append(helper.make_node("Add", ["m", "b"], ["y"]))
-            return ns, inits, None
+            return ns, inits
 
         return _time(self._session(nodes, x_shape), x_shape, min_time_s)
 
     def overhead(self, shape: tuple[int, ...], min_time_s: float) -> float:
         from onnx import helper
 
-        sess = self._session(lambda: ([helper.make_node("Identity", ["x"], ["y"])], [], None), shape)
+        sess = self._session(lambda: ([helper.make_node("Identity", ["x"], ["y"])], []), shape)
         return _time(sess, shape, min_time_s)
 
 

@@ -35,12 +35,6 @@ def paired(base: Runner, child: Runner, rounds: int = 9, warmup: int = 5, min_it
     return {"parent_ms": float(np.median(b)), "child_ms": float(np.median(c)), "speedup": stats.paired_speedup(b, c)}
 
 
-def single(runner: Runner, rounds: int = 5, warmup: int = 5, min_iters: int = 20, min_time_s: float = 0.2) -> float:
-    """Median over rounds of the per-round median latency (ms)."""
-    return float(np.median([np.median(measure(runner, warmup if i == 0 else 2, min_iters, min_time_s))
-                            for i in range(rounds)]))
-
-
 def latency_record(onnx_path: Path) -> dict:
     """The build machine's latency for an ONNX graph (ONNX Runtime, CPU, batch 1), as bundles record it."""
     from . import sysinfo
