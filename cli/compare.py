@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -29,6 +28,7 @@ def compare(
     round_to: Annotated[Optional[int], typer.Option(help="Keep channel counts multiples of this.")] = None,
     profile_backend: Annotated[str, typer.Option(help="Backend for the measured speedup (onnxruntime, torch) or none.")] = "onnxruntime",
     profile_batch: Annotated[int, typer.Option(help="Batch size for the measured speedup.")] = 1,
+    profile_rounds: Annotated[int, typer.Option(help="Interleaved parent/child rounds of each speedup measurement (>= 3).")] = 7,
     batch_size: c.BatchSize = 128,
     optimizer: c.Optimizer = "adam",
     lr: c.Lr = None,
@@ -73,12 +73,10 @@ def compare(
     cfg = CompareConfig(metrics=c.csv_list(metrics), sparsities=c.csv_list(sparsities, float, "--sparsities"), train=tcfg,
                         calib_size=calib_size, seed=seed, scope=tuple(c.csv_list(scope)), ffn_metric=ffn_metric,
                         global_ranking=global_ranking, round_to=round_to,
-                        profile_backend=None if profile_backend == "none" else profile_backend, profile_batch=profile_batch)
+                        profile_backend=None if profile_backend == "none" else profile_backend, profile_batch=profile_batch, profile_rounds=profile_rounds)
     if cfg.profile_backend not in (None, "onnxruntime", "torch"):
         raise UserError("--profile-backend must be onnxruntime, torch or none")
     cfg.validate()
-    if overwrite and out_dir.exists():
-        shutil.rmtree(out_dir)
     atomic.check_output_path(out_dir, True)
     doc = run(lm, ds, cfg, out_dir, resume=resume, device=dev, reporter=c.reporter(quiet))
     emit((out_dir / "table.md").read_text())

@@ -120,6 +120,12 @@ def prune(
             out.print(f"attention heads per block: {first[0]} -> {first[1]}")
         for name, why in summary["left_alone"].items():
             out.print(f"left alone: {name} (torch-pruning cannot remove its channels: {why})")
+        achieved = f"removed {100 * summary['achieved_sparsity']:.1f}% of the prunable units (asked {100 * sparsity:g}%)"
+        if summary["short_of_request"]:
+            out.print(f"warning: much less pruned than asked: {achieved}; the rest is left alone or rounded away "
+                      "(see above); recorded in model.json", style="bold red")
+        else:
+            out.print(achieved)
         out.print(f"{len(summary['layers'])} layers changed width; pruning took {summary['prune_s']} s; wrote {out_dir}")
         return
     if structure == "layers":
@@ -180,8 +186,8 @@ def _latency_aware(lm, ds, cfg, target, calib_size, dev, rep, settings, out_dir)
               f"prediction error {100 * p['prediction_error']:+.1f}%")
     if summary["slower"]:
         worst = ", ".join(f"{r['layer']} {r['parent_ms']:.3g}->{r['child_ms']:.3g} ms" for r in p["slower_layers"][:3])
-        out.print(f"[bold red]warning: the pruned model is SLOWER than its parent on this backend[/] "
-                  f"(speedup interval below 1); layers that did not get faster: {worst}")
+        out.print(f"warning: the pruned model is SLOWER than its parent on this backend (speedup interval below 1); "
+                  f"layers that did not get faster: {worst}", style="bold red")
     out.print(f"{len(summary['layers'])} layers changed width; pruning took {summary['prune_s']} s; wrote {out_dir}")
 
 

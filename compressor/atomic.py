@@ -6,6 +6,7 @@ A crash or a kill leaves either the old file/directory or the new one, never a h
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -38,10 +39,41 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _prefix(path: Path) -> str:
+    """Temporary siblings carry the writer's pid, so a later run can tell a killed writer's leftovers."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(path: Path) -> None:
+    """Remove what a killed writer of `path` left (SIGKILL runs no cleanup): its temporary siblings, and
+    put back an old `path` that was moved aside when the kill came between the two renames."""
+    with contextlib.suppress(OSError):
+        for p in path.parent.glob(f".{glob.escape(path.name)}.*"):
+            pid, _, rest = p.name[len(path.name) + 2:].partition(".")
+            if not pid.isdigit() or not rest.endswith((".tmp", ".old")) or _alive(int(pid)):
+                continue
+            if rest.endswith(".old") and not path.exists():
+                os.replace(p, path)
+            elif p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -82,7 +114,8 @@ def temp_path_for(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path next to `path`; on success rename it onto `path`."""
     path = Path(path)
     made = _make_parents(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    sweep_stale(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_prefix(path), suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -145,7 +178,8 @@ def staged_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     made = _make_parents(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    sweep_stale(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_prefix(path), suffix=".tmp"))
     try:
         yield tmp
         replace_dir(tmp, path)
@@ -159,7 +193,7 @@ def replace_dir(src: Path, dst: Path) -> None:
     """Move directory `src` onto `dst`, keeping the old `dst` until the new one is in place."""
     old = None
     if dst.exists() or dst.is_symlink():
-        old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".old"))
+        old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=_prefix(dst), suffix=".old"))
         os.rmdir(old)
         os.replace(dst, old)
     os.replace(src, dst)

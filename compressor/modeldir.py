@@ -67,6 +67,7 @@ class ModelRecord:
     def from_json(cls, d: dict, where: str = SPEC) -> "ModelRecord":
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise UserError(f"{where} is not a compress model record (format {d.get('format') if isinstance(d, dict) else '?'})")
+        check_schema(d, where)
         try:
             return cls(
                 arch=ArchSpec.from_json(d["arch"]),
@@ -87,6 +88,30 @@ class ModelRecord:
         """A copy for a derived model (metrics are re-measured, lineage extended)."""
         return ModelRecord(self.arch, self.num_classes, self.input, list(self.labels), self.dataset,
                            dict(self.metrics), [dict(e) for e in self.lineage], {}, list(self.removed_blocks), {})
+
+
+def check_schema(d: dict, where: str) -> None:
+    """model.json against model.schema.json: the first wrong field, by its path, in one line."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(_validator().iter_errors(d))
+    if error is not None:
+        field_path = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
+        what = " ".join(error.message.split())
+        raise UserError(f"{where}: field {field_path or '(top level)'}: {what[:160]}")
+
+
+_VALIDATOR = None
+
+
+def _validator():
+    global _VALIDATOR
+    if _VALIDATOR is None:
+        import jsonschema
+
+        schema = json.loads((Path(__file__).with_name("model.schema.json")).read_text())
+        _VALIDATOR = jsonschema.Draft202012Validator(schema)
+    return _VALIDATOR
 
 
 @dataclass

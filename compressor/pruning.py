@@ -49,6 +49,13 @@ class WidthReport:
     layers: dict[str, list[int]] = field(default_factory=dict)  # module -> [before, after] output width
     heads: dict[str, list[int]] = field(default_factory=dict)
     left_alone: dict[str, str] = field(default_factory=dict)  # group root -> why torch-pruning cannot remove it
+    units: int = 0  # removable units (channels, heads, FFN neurons) in scope, left-alone groups included
+    removed: int = 0
+
+    @property
+    def achieved(self) -> float:
+        """Share of the units in scope that were removed (the figure --sparsity asks for)."""
+        return self.removed / self.units if self.units else 0.0
 
 
 def validate(cfg: WidthConfig) -> None:
@@ -403,15 +410,18 @@ def prune_width(model: nn.Module, spec: InputSpec, cfg: WidthConfig, calib: Imag
     if original is None or next(original.parameters()).device != here:
         original = clone(model)  # only read from: trials and the restore work on copies of it
     left_alone: dict[str, str] = {}
+    alone_units = 0
     try:
         infos, heads = _prune_once(model, spec, cfg, frozenset(), calib, device, reporter)
     except SurgeryFailed as e:
         first = str(e)
         pruner, ffn_ids = _make_pruner(original, spec, cfg)
-        names = [i.name for i in describe(pruner, original, ffn_ids)]
+        every = describe(pruner, original, ffn_ids)
+        names = [i.name for i in every]
         left_alone = find_unprunable(original, spec, cfg, names, device, reporter)
         if not left_alone or len(left_alone) == len(names):
             raise UserError(f"torch-pruning cannot prune {type(model).__name__}: {first}") from None
+        alone_units = sum(i.n_units for i in every if i.name in left_alone)
         _restore(model, original)
         try:
             infos, heads = _prune_once(model, spec, cfg, frozenset(left_alone), calib, device, reporter)
@@ -429,6 +439,8 @@ def prune_width(model: nn.Module, spec: InputSpec, cfg: WidthConfig, calib: Imag
         layers={n: [before[n], after[n]] for n in after if n in before and before[n] != after[n]},
         heads={k: v for k, v in heads.items() if v[0] != v[1]},
         left_alone=left_alone,
+        units=sum(i.n_units for i in infos) + alone_units,
+        removed=sum(i.n_remove for i in infos),
     )
 
 

@@ -209,6 +209,9 @@ def measure(model: nn.Module, spec: InputSpec, ds: Dataset | None, device) -> di
     return out
 
 
+SHORT_OF_REQUEST = 0.5  # achieved below half the requested share of units is "much less pruned than asked"
+
+
 def width_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, calib_size: int, device,
                 reporter: Reporter = QUIET, settings: dict | None = None) -> tuple[nn.Module, ModelRecord, dict]:
     spec = lm.record.input
@@ -223,12 +226,17 @@ def width_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, calib_siz
     rec.metrics = after
     summary = {"before": before, "after": after, "prune_s": round(prune_s, 2), "layers": report.layers,
                "heads": report.heads, "calib_images": None if calib is None else len(calib),
-               "left_alone": report.left_alone}
+               "left_alone": report.left_alone, "requested_sparsity": cfg.sparsity,
+               "achieved_sparsity": round(report.achieved, 4),
+               # much less pruned than asked (left-alone groups, rounding, tiny layers): said loudly and recorded
+               "short_of_request": cfg.sparsity > 0 and report.achieved < SHORT_OF_REQUEST * cfg.sparsity}
     rec.lineage.append(run_info("prune", {**(settings or {}), **cfg.to_json(), "structure": "width",
                                           "calib_size": summary["calib_images"]},
                                 None if lm.path is None else str(lm.path),
                                 {"before": before, "after": after, "prune_s": summary["prune_s"],
-                                 "left_alone": report.left_alone}, cfg.seed))
+                                 "left_alone": report.left_alone, "requested_sparsity": cfg.sparsity,
+                                 "achieved_sparsity": summary["achieved_sparsity"],
+                                 "short_of_request": summary["short_of_request"]}, cfg.seed))
     return model, rec, summary
 
 

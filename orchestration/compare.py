@@ -94,12 +94,12 @@ def run(lm: LoadedModel, ds: Dataset, cfg: CompareConfig, out: Path, *, resume: 
         doc = json.loads(spec_path.read_text())
         if doc.get("fingerprint") != cfg.fingerprint():
             raise UserError(f"{out} was started with different settings; use the same flags to resume, or --overwrite")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        save_model_dir(out / "parent", lm.model, lm.record)
+    else:  # the grid's skeleton appears whole (a kill leaves no grid or a resumable one); it replaces an old grid
         doc = {"fingerprint": cfg.fingerprint(), "settings": cfg.to_json(), "parent": str((out / "parent").resolve()),
                "dataset": ds.spec.to_json(), "cells": []}
-        atomic.write_json(spec_path, doc)
+        with atomic.staged_dir(out) as tmp:
+            save_model_dir(tmp / "parent", lm.model, lm.record)
+            atomic.write_json(tmp / "compare.json", doc)
     parent = load_model_dir(out / "parent")
     cells = {c["name"]: c for c in doc.get("cells", [])}
     grid = [(m, s) for s in cfg.sparsities for m in cfg.metrics]

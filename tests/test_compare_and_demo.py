@@ -9,7 +9,7 @@ from compressor.modeldir import load_model_dir
 def test_compare_grid_tables_plots_and_resume(cli, cnn_parent, tmp_path):
     out = tmp_path / "cmp"
     args = ["compare", "--model", cnn_parent, "--metrics", "l1,taylor", "--sparsities", "0.5", "--finetune-epochs", "1",
-            "--lr", "2e-3", "--calib-size", "64", "--out", out, "-q"]
+            "--lr", "2e-3", "--calib-size", "64", "--profile-rounds", "3", "--out", out, "-q"]
     _, stdout, _ = cli(*args)
     for name in ("table.md", "table.csv", "table.json", "compare.json", "accuracy_vs_flops.png", "speedup_vs_flops.png"):
         assert (out / name).is_file(), name

@@ -99,6 +99,15 @@ def test_compare_profile_batch_zero_refused_before_work(cli, cnn_parent, tmp_pat
     assert "--profile-batch" in err and not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_much_less_pruned_than_asked_is_said_and_recorded(cli, cnn_parent, tmp_path):
+    """--round-to 16 keeps the 8- and 16-channel stages whole: 29 % of the units go where 60 % were asked."""
+    out = tmp_path / "p"
+    _, stdout, _ = cli("prune", "--model", cnn_parent, "--sparsity", "0.6", "--round-to", "16", "--out", out)
+    assert "much less pruned than asked: removed 28.6% of the prunable units (asked 60%)" in stdout
+    outcome = json.loads((out / "model.json").read_text())["lineage"][-1]["metrics"]
+    assert outcome["short_of_request"] is True and outcome["achieved_sparsity"] == round(64 / 224, 4)
+
+
 def test_full_disk_fails_in_one_line_and_leaves_nothing(cnn_parent, tmp_path):
     """RLIMIT_FSIZE makes every write past 64 KiB fail with EFBIG, as a full disk would."""
     out = tmp_path / "m.onnx"
@@ -125,8 +134,10 @@ def test_history_is_strict_json(cnn_parent, tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("input", {"channels": -3, "height": 16, "width": 16}),
-                                         ("num_classes", "ten"), ("changed_modules", {"fc": {"tensors": {"weight": [-1, 4]}}})])
+                                         ("num_classes", "ten"), ("changed_modules", {"fc": {"tensors": {"weight": [-1, 4]}}}),
+                                         ("removed_blocks", [None])])
 def test_model_json_fields_of_the_wrong_type(cli, cnn_parent, tmp_path, field, value):
+    """The schema check names the field."""
     import shutil
 
     d = tmp_path / "m"
@@ -136,7 +147,7 @@ def test_model_json_fields_of_the_wrong_type(cli, cnn_parent, tmp_path, field, v
     (d / "model.json").write_text(json.dumps(rec))
     _, _, err = cli("export", d, "--out", tmp_path / "m.onnx", expect=2)
     _one_line(err)
-    assert not (tmp_path / "m.onnx").exists()
+    assert f"field {field}" in err and not (tmp_path / "m.onnx").exists()
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-5, 300) | st.floats(allow_nan=False) | st.text(max_size=8),
@@ -180,3 +191,60 @@ def test_fuzzed_model_json_loads_or_is_refused_in_one_line(tmp_path_factory, cnn
         load_model_dir(d)
     except UserError as e:
         assert "\n" not in str(e)
+
+
+# SIGKILL runs no cleanup. Every rename goes through os.replace, which this hook announces on stderr and
+# slows down, so the test can kill the command at the k-th rename: mid-write or between staging and the final swap.
+KILL_HOOK = ("import os, sys, time\nreal = os.replace\n"
+             "def slow(s, d, **kw):\n    sys.stderr.write(f'RENAME {d}\\n'); sys.stderr.flush(); time.sleep(0.3)\n"
+             "    return real(s, d, **kw)\n"
+             "os.replace = slow\nfrom cli.main import main\nsys.argv = ['compress'] + sys.argv[1:]\nmain()")
+
+
+def _killed_at_rename(args: list, k: int) -> int:
+    """Run `compress args` and SIGKILL it during its k-th rename; returns the renames seen (< k: it finished)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-c", KILL_HOOK, *map(str, args)], stderr=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    seen = 0
+    for line in p.stderr:
+        seen += line.startswith("RENAME ")
+        if seen == k:
+            p.kill()
+            break
+    p.wait(timeout=300)
+    return seen
+
+
+def _hidden(d: Path) -> list[str]:
+    return [p.name for p in d.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("command,k", [("prune", 1), ("prune", 3), ("export", 1), ("package", 1), ("compare", 2)])
+def test_sigkill_leaves_output_absent_or_complete(cli, cnn_parent, tmp_path, command, k):
+    """Killed at a rename, `--out` is absent or complete and loadable (a compare grid: resumable); the next
+    run of the same command succeeds and removes what the killed one left behind."""
+    import onnx
+
+    from compressor.modeldir import load_model_dir
+
+    out = tmp_path / {"prune": "p", "export": "m.onnx", "package": "b.tar.gz", "compare": "grid"}[command]
+    args = {"prune": ["prune", "--model", cnn_parent, "--sparsity", "0.5", "--out", out, "-q"],
+            "export": ["export", cnn_parent, "--out", out],
+            "package": ["package", cnn_parent, "--no-profile", "--out", out],
+            "compare": ["compare", "--model", cnn_parent, "--metrics", "l1", "--sparsities", "0.5", "--finetune-epochs", "1",
+                        "--calib-size", "32", "--profile-backend", "none", "--out", out, "-q"]}[command]
+    seen = _killed_at_rename(args, k)
+    assert seen >= k, f"{command} finished after {seen} renames: pick an earlier kill point"
+    if command == "prune" and out.exists():
+        load_model_dir(out)
+    elif command == "export" and out.exists():
+        onnx.checker.check_model(onnx.load(str(out)))
+    elif command == "package" and out.exists():
+        cli("package", "--verify", out)
+    elif command == "compare" and out.exists():
+        json.loads((out / "compare.json").read_text())
+        load_model_dir(out / "parent")
+    again = args + (["--resume"] if command == "compare" else ["--overwrite"])
+    cli(*again)
+    assert out.exists() and _hidden(tmp_path) == [], _hidden(tmp_path)

@@ -75,6 +75,7 @@ def test_groups_torch_pruning_breaks_are_left_alone(monkeypatch):
     report = prune_width(model, SPEC16, WidthConfig(metric="l1", sparsity=0.5))
     assert list(report.left_alone) == ["b"] and "b is special" in report.left_alone["b"]
     assert (model.a.out_channels, model.b.out_channels, model.c.out_channels) == (4, 8, 4)
+    assert (report.units, report.removed) == (24, 8)  # b's 8 channels count as asked-for but not removed
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
 
 
@@ -94,7 +95,8 @@ def test_round_to_16_prunes_resnet56_at_25_percent():
     """Rounding down refused this outright (it would empty every 16-channel conv of the first stage)."""
     model = build(ArchSpec("compress", "resnet56"), 10).eval()
     spec = InputSpec(3, 32, 32, (0.5,) * 3, (0.25,) * 3)
-    prune_width(model, spec, WidthConfig(metric="l2", sparsity=0.25, round_to=16))
+    report = prune_width(model, spec, WidthConfig(metric="l2", sparsity=0.25, round_to=16))
+    assert (report.removed, report.units) == (10 * 16, 10 * (16 + 32 + 64))  # only the 10 groups of stage 3 lose 16
     widths = {m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)}
     assert widths <= {16, 32, 48, 64} and 48 in widths  # 32 * 0.75 = 24 -> 32; 64 * 0.75 = 48
 
