@@ -78,6 +78,6 @@ def compare(
         raise UserError("--profile-backend must be onnxruntime, torch or none")
     cfg.validate()
     atomic.check_output_path(out_dir, True)
-    doc = run(lm, ds, cfg, out_dir, resume=resume, device=dev, reporter=c.reporter(quiet))
+    run(lm, ds, cfg, out_dir, resume=resume, device=dev, reporter=c.reporter(quiet))
     emit((out_dir / "table.md").read_text())
     console_out.print(f"wrote {out_dir}/table.md, table.csv, table.json, accuracy_vs_flops.png, speedup_vs_flops.png")

@@ -10,7 +10,7 @@ import typer
 from compressor import atomic
 from compressor.data import DataSpec, load_dataset
 from compressor.finetune import TrainConfig, default_augment
-from compressor.modeldir import LoadedModel, load_model_dir, save_model_dir
+from compressor.modeldir import load_model_dir, save_model_dir
 from compressor.pruning import WidthConfig
 from compressor.workflows import Source, finetune, get_model, pick_device, width_prune
 from exporters.model_export import export_onnx

@@ -7,12 +7,14 @@ Exit codes: 0 success; 1 a CI gate failed or an internal error; 2 bad input (not
 from __future__ import annotations
 
 import errno
+import shlex
 import signal
 import sys
 import traceback
 
 import typer
 
+from compressor import provenance
 from compressor.errors import GateFailed, UserError
 
 app = typer.Typer(
@@ -49,10 +51,9 @@ def _err(msg: str) -> None:
 def run(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
-    saved_argv = sys.argv
-    sys.argv = ["compress", *args]  # run records quote the command that made them
     try:
-        rv = app(args=args, prog_name="compress", standalone_mode=False)
+        with provenance.running(shlex.join(["compress", *args])):  # run records quote the command that made them
+            rv = app(args=args, prog_name="compress", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except (typer.Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
@@ -85,8 +86,6 @@ def run(argv: list[str] | None = None) -> int:
         else:
             _err(f"internal error ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); rerun with --debug for the traceback")
         return 1
-    finally:
-        sys.argv = saved_argv
 
 
 def main() -> None:

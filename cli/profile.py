@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
+import torch
 import typer
 
 from compressor import atomic
@@ -22,7 +22,7 @@ def profile(
     targets: Annotated[list[str], typer.Argument(help="Model directories, .onnx files, .engine files, or a compare run directory.")],
     baseline: Annotated[Optional[str], typer.Option(help="The parent to measure speedups against (a compare run uses its parent).")] = None,
     backend: Annotated[str, typer.Option(help="Comma list of torch, onnxruntime, tensorrt.")] = "onnxruntime",
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda, or auto (cuda where available).")] = "cpu",
     batch_sizes: Annotated[str, typer.Option(help="Comma list of batch sizes.")] = "1,32",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (emulate a smaller CPU).")] = None,
     rounds: Annotated[int, typer.Option(help="Interleaved rounds per target (the speedup's sample size).")] = 10,
@@ -43,18 +43,24 @@ def profile(
     assert_speedup: Annotated[Optional[float], typer.Option(help="Fail unless every child is at least this much faster.")] = None,
     assert_realised: Annotated[Optional[float], typer.Option(help="Fail unless speedup / FLOPs speedup reaches this.")] = None,
     max_latency_ms: Annotated[Optional[float], typer.Option(help="Fail if any target's p50 latency exceeds this.")] = None,
+    gate_batch_sizes: Annotated[Optional[str], typer.Option(help="Apply --assert-speedup/--assert-realised/--max-latency-ms at these batch sizes only (a small CNN on a big GPU is launch-bound at batch 1).")] = None,
     against: Annotated[Optional[Path], typer.Option(help="A previous profile JSON: fail on latency regressions.")] = None,
-    tolerance: Annotated[str, typer.Option(help="Allowed regression against --against, e.g. 10%.")] = "10%",
+    max_regression: Annotated[str, typer.Option(help="Allowed p50 latency regression against --against, e.g. 10% or 0.1.")] = "10%",
     overwrite: c.Overwrite = False,
     quiet: c.Quiet = False,
 ):
     """Measure latency, throughput, memory and energy; show the FLOPs reduction next to the speedup it bought."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = Settings(backends=tuple(c.csv_list(backend)), device=device, batch_sizes=tuple(c.csv_list(batch_sizes, int, "--batch-sizes")),
                         threads=threads, rounds=rounds, warmup=warmup, min_iters=min_iters, min_time_s=min_time, energy=energy,
                         energy_window_s=energy_window, idle_s=idle_window, energy_estimate_w=energy_estimate,
                         include_transfers=include_transfers, cuda_graphs=cuda_graphs, ort_provider=ort_provider, breakdown=breakdown)
     settings.validate()
-    g = gates_mod.Gates(assert_speedup, assert_realised, max_latency_ms, against, gates_mod.parse_tolerance(tolerance))
+    g = gates_mod.Gates(assert_speedup, assert_realised, max_latency_ms, against, gates_mod.parse_tolerance(max_regression),
+                        None if gate_batch_sizes is None else tuple(c.csv_list(gate_batch_sizes, int, "--gate-batch-sizes")))
+    if g.batches is not None and not set(g.batches) <= set(settings.batch_sizes):
+        raise UserError(f"--gate-batch-sizes {gate_batch_sizes} must be among --batch-sizes {batch_sizes}")
     if against is not None and not against.is_file():
         raise UserError(f"--against {against} does not exist")
     for p, kind in ((json_out, "file"), (out_dir, "dir")):

@@ -10,7 +10,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import __version__, atomic
+from . import __version__, atomic, provenance
 from .data import DataSpec, InputSpec
 from .errors import UserError
 from .models import ArchSpec, build
@@ -219,7 +218,7 @@ def run_info(stage: str, settings: dict, parent: str | None, metrics: dict, seed
         "metrics": metrics,
         "seed": seed,
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "command": provenance.command(),
         "versions": {
             "compress": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "timm": timm.__version__, "torch_pruning": getattr(torch_pruning, "__version__", "?"),

@@ -29,12 +29,20 @@ from compressor.workflows import dataset_for
 from .model_export import export_onnx
 from .precision import TOLERANCE
 
+# Requirements come in matching pairs: a TensorRT wheel and the cuda-python of the same CUDA major. The
+# bare `tensorrt` and `cuda-python` packages now resolve to CUDA 13, which a CUDA 12 driver cannot run
+# (CUDA error 35); cuda-python before 12.6.1 has no `cuda.bindings` (run.py also takes the older layout).
 TARGETS = {
     "onnxruntime-cpu": {"runtime": "onnxruntime", "device": "cpu", "requirements": ["onnxruntime>=1.17", "numpy>=1.24", "pillow>=10.0"]},
     "onnxruntime-cuda": {"runtime": "onnxruntime", "device": "cuda", "requirements": ["onnxruntime-gpu>=1.17", "numpy>=1.24", "pillow>=10.0"]},
-    "tensorrt": {"runtime": "tensorrt", "device": "cuda", "requirements": ["tensorrt>=10.0", "cuda-python>=12.6", "numpy>=1.24", "pillow>=10.0"]},
-    # JetPack 6 ships TensorRT 10.x; install it from JetPack (apt), not pip, on the device.
-    "jetson": {"runtime": "tensorrt", "device": "cuda", "requirements": ["cuda-python>=12.2", "numpy>=1.24", "pillow>=10.0"]},
+    # x86-64 / SBSA servers with a CUDA 12 driver (TensorRT 10.x)
+    "tensorrt": {"runtime": "tensorrt", "device": "cuda", "requirements": ["tensorrt-cu12>=10.3,<11", "cuda-python>=12.6.1,<13",
+                                                                          "numpy>=1.24", "pillow>=10.0"]},
+    # servers with a CUDA 13 driver (TensorRT 10.13+ and 11.x)
+    "tensorrt-cu13": {"runtime": "tensorrt", "device": "cuda", "requirements": ["tensorrt-cu13>=10.13,<12", "cuda-python>=13,<14",
+                                                                               "numpy>=1.24", "pillow>=10.0"]},
+    # JetPack 6 (CUDA 12.2 or 12.6, TensorRT 10.3 from apt: python3-libnvinfer): never pip TensorRT or CUDA 13
+    "jetson": {"runtime": "tensorrt", "device": "cuda", "requirements": ["cuda-python>=12.2,<12.7", "numpy>=1.24", "pillow>=10.0"]},
 }
 SCHEMA = "compress-bundle/1"
 RUN_PY = Path(__file__).with_name("bundle_files") / "run.py"
@@ -86,7 +94,7 @@ def build(lm: LoadedModel, target: str, out: Path, precision: str = "fp32", samp
         profile_doc = profile(onnx_path) if profile is not None else None
     files["run.py"] = RUN_PY.read_bytes()
     files["requirements.txt"] = ("\n".join(t["requirements"]) + "\n").encode()
-    sample_names, raw = [], []
+    sample_names = []
     if ds is not None and ds.test.images is not None:
         for i in range(min(samples, len(ds.test))):
             name = f"samples/{i:03d}_{ds.classes[int(ds.test.labels[i])].replace('/', '-').replace(' ', '_')}.png"

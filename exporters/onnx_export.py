@@ -5,7 +5,6 @@ real inputs within the tolerance of the graph's precision.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import tempfile

@@ -9,7 +9,6 @@ axis; a timing cache file makes rebuilds fast.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -74,26 +73,59 @@ def build_engine(onnx_path: Path, out: Path, *, precision: str, shape: tuple[int
         if precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)
             config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        # TF32 is on by default: fp32 convolutions would round to 10-bit mantissas (~1e-2 off on a ResNet-20)
+        # and fail the fp32 parity check.
+        config.clear_flag(trt.BuilderFlag.TF32)
     if version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     inp = network.get_input(0)
     profile = builder.create_optimization_profile()
     profile.set_shape(inp.name, (min_batch, *shape), (opt_batch, *shape), (max_batch, *shape))
     config.add_optimization_profile(profile)
-    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache_note = _use_timing_cache(config, timing_cache)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise UserError("TensorRT failed to build the engine (see the TensorRT log above)")
     atomic.write_bytes(out, bytes(plan))
-    if timing_cache is not None:
-        atomic.write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+    cache = config.get_timing_cache() if timing_cache is not None else None
+    if cache is not None:
+        atomic.write_bytes(timing_cache, bytes(cache.serialize()))
     return {"tensorrt": trt.__version__, "gpu": gpu_identity(), "precision": precision,
             "strongly_typed": strongly_typed or ver >= (11, 0), "version_compatible": version_compatible,
             "profile": {"input": inp.name, "min": [min_batch, *shape], "opt": [opt_batch, *shape], "max": [max_batch, *shape]},
             "workspace_gb": workspace_gb, "timing_cache": None if timing_cache is None else str(timing_cache),
+            "timing_cache_note": cache_note,
             "bytes": out.stat().st_size, "sha256": atomic.sha256_file(out)}
+
+
+def _use_timing_cache(config, path: Path | None) -> str | None:
+    """Load the timing cache file; one from another GPU or TensorRT version is refused by set_timing_cache
+    (returns False), which would leave no cache at all: start a fresh one instead and say so."""
+    if path is None:
+        return None
+    data = path.read_bytes() if path.is_file() else b""
+    if config.set_timing_cache(config.create_timing_cache(data), ignore_mismatch=False):
+        return "reused" if data else "new"
+    if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+        raise UserError("TensorRT refused an empty timing cache")
+    return f"{path} was built on another GPU or TensorRT version; started a fresh cache"
+
+
+def set_batch(engine, context, name: str, shape) -> None:
+    """set_input_shape, or one line naming the profile range (TensorRT returns False for a batch outside it
+    and the next call fails with a negative dimension)."""
+    if not context.set_input_shape(name, tuple(shape)):
+        lo, _, hi = engine.get_tensor_profile_shape(name, 0)
+        raise UserError(f"batch {shape[0]} is outside the engine's optimization profile (batch {lo[0]} to {hi[0]}); "
+                        "rebuild it with compress export --min-batch/--max-batch")
+
+
+def device_memory_bytes(engine) -> int:
+    """TensorRT 10 has device_memory_size_v2 (and the deprecated device_memory_size); 11 only the former."""
+    if hasattr(engine, "device_memory_size_v2"):
+        return int(engine.device_memory_size_v2)
+    return int(engine.device_memory_size)
 
 
 def _sidecar(path: Path) -> dict:
@@ -136,7 +168,7 @@ def run_engine(engine, x: np.ndarray) -> np.ndarray:
     outn = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
     dt = torch.float16 if engine.get_tensor_dtype(inp) == trt.DataType.HALF else torch.float32
     xin = torch.from_numpy(x).to("cuda", dt).contiguous()
-    ctx.set_input_shape(inp, tuple(xin.shape))
+    set_batch(engine, ctx, inp, xin.shape)
     out = torch.empty(tuple(ctx.get_tensor_shape(outn)), device="cuda",
                       dtype=torch.float16 if engine.get_tensor_dtype(outn) == trt.DataType.HALF else torch.float32)
     ctx.set_tensor_address(inp, xin.data_ptr())

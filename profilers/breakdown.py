@@ -9,7 +9,6 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 
 from .runners import OrtRunner, Runner, TorchRunner
 

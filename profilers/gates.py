@@ -17,6 +17,7 @@ class Gates:
     max_latency_ms: float | None = None
     against: Path | None = None
     tolerance: float = 0.10
+    batches: tuple[int, ...] | None = None  # speedup/realised/latency gates apply at these batch sizes only
 
     def active(self) -> bool:
         return any(v is not None for v in (self.assert_speedup, self.assert_realised, self.max_latency_ms, self.against))
@@ -27,9 +28,9 @@ def parse_tolerance(text: str) -> float:
     try:
         v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
     except ValueError:
-        raise UserError(f"--tolerance must look like 10% or 0.1, got {text!r}") from None
+        raise UserError(f"--max-regression must look like 10% or 0.1, got {text!r}") from None
     if v < 0:
-        raise UserError("--tolerance must be >= 0")
+        raise UserError("--max-regression must be >= 0")
     return v
 
 
@@ -40,7 +41,7 @@ def _where(r: dict) -> str:
 def check(doc: dict, g: Gates) -> list[str]:
     fails = []
     for r in doc["results"]:
-        if r["target"].startswith("reference:"):
+        if r["target"].startswith("reference:") or (g.batches is not None and r["batch_size"] not in g.batches):
             continue
         sp = r.get("speedup")
         if g.assert_speedup is not None and sp is not None and sp["median"] < g.assert_speedup:

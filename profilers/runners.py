@@ -53,6 +53,8 @@ class TorchRunner(Runner):
         self.device = torch.device(device)
         if self.device.type == "cuda":
             require_cuda("torch on CUDA")
+        # What this target itself allocates (weights + activations), whatever other targets left behind.
+        self.base_alloc = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         self.model = model.eval().to(self.device)
         g = torch.Generator().manual_seed(seed)
         self.host = torch.randn(batch, *shape, generator=g)
@@ -86,19 +88,28 @@ class TorchRunner(Runner):
             self.x.copy_(self.host, non_blocking=False)
         if self.graph is not None:
             self.graph.replay()
+            out = self.out
         else:
             out = self.model(self.x)
-            if self.include_transfers:
-                out.cpu()
+        if self.include_transfers:  # as the other backends: input host->device and output device->host
+            out.cpu()
         self.end.record()
         self.end.synchronize()
         return self.start.elapsed_time(self.end)
 
     def device_peak_bytes(self) -> int | None:
-        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.device) - self.base_alloc
 
     def info(self) -> dict:
         return {"threads": torch.get_num_threads(), "cuda_graphs": self.graph is not None}
+
+    def close(self) -> None:
+        if self.device.type == "cuda":  # the next target's memory window must not hold this one's weights
+            self.graph = self.out = self.x = None
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
 
 
 ORT_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -123,6 +134,11 @@ class OrtRunner(Runner):
                                                             "(install onnxruntime-gpu for CUDA/TensorRT)")
         self.session = ort_session(onnx_path, wanted, threads)
         self.providers = self.session.get_providers()
+        if self.providers[0] != wanted[0]:
+            # ORT falls back silently (CPU for CUDA, CUDA for TensorRT) when a provider's libraries fail to
+            # load: the rows would be mislabelled and I/O binding would point at the wrong device.
+            raise NotAvailable(f"ONNX Runtime {wanted[0]}", f"the session fell back to {self.providers[0]} (its CUDA/"
+                                                            "cuDNN/TensorRT libraries did not load; see ONNX Runtime's log)")
         inp = self.session.get_inputs()[0]
         shape = [batch] + [int(d) for d in inp.shape[1:]]
         dtype = np.float16 if "float16" in inp.type else np.float32
@@ -156,7 +172,7 @@ class TrtRunner(Runner):
     backend = "tensorrt"
 
     def __init__(self, engine_path: Path, batch: int, include_transfers: bool = False, seed: int = 0):
-        from exporters.tensorrt_export import load_engine
+        from exporters.tensorrt_export import load_engine, set_batch
 
         require_cuda("the TensorRT runtime")
         import tensorrt as trt
@@ -172,7 +188,7 @@ class TrtRunner(Runner):
             if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
                 shape = list(self.engine.get_tensor_shape(name))
                 shape[0] = batch
-                self.context.set_input_shape(name, shape)
+                set_batch(self.engine, self.context, name, shape)
         for name in names:
             shape = tuple(self.context.get_tensor_shape(name))
             dt = torch.float16 if self.engine.get_tensor_dtype(name) == trt.DataType.HALF else torch.float32
@@ -201,8 +217,9 @@ class TrtRunner(Runner):
         return self.start.elapsed_time(self.end)
 
     def device_peak_bytes(self) -> int | None:
-        size = getattr(self.engine, "device_memory_size_v2", None) or self.engine.device_memory_size
-        return int(size)
+        from exporters.tensorrt_export import device_memory_bytes
+
+        return device_memory_bytes(self.engine)
 
     def info(self) -> dict:
         import tensorrt as trt

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import shutil
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from compressor import provenance
 from compressor.errors import NotAvailable, UserError
 from compressor.progress import QUIET, Reporter
 
@@ -59,6 +59,8 @@ class Settings:
             raise UserError("--rounds and --min-iters must be >= 1; --min-time and --warmup >= 0")
         if self.threads is not None and self.threads < 1:
             raise UserError("--threads must be >= 1")
+        if self.device == "cpu" and ("tensorrt" in self.backends or self.ort_provider in ("cuda", "tensorrt")):
+            raise UserError("TensorRT and the ONNX Runtime CUDA/TensorRT providers run on a GPU: pass --device cuda")
         if self.energy_estimate_w is not None and self.energy_estimate_w <= 0:
             raise UserError("--energy-estimate must be a positive power in watts")
 
@@ -86,7 +88,7 @@ def run(targets: list[Target], baseline: Target | None, s: Settings, reporter: R
     everyone = ([baseline] if baseline is not None else []) + [t for t in targets if t is not baseline]
     machine = sysinfo.describe()
     doc = {"schema": SCHEMA, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-           "command": " ".join(["compress"] + sys.argv[1:]), "machine": machine,
+           "command": provenance.command(), "machine": machine,
            "settings": {**asdict(s), "backends": list(s.backends), "batch_sizes": list(s.batch_sizes)},
            "baseline": None if baseline is None else baseline.name, "targets": [t.to_json() for t in everyone],
            "results": [], "skipped": [], "breakdown": [], "flags": [], "gates": []}
@@ -95,9 +97,10 @@ def run(targets: list[Target], baseline: Target | None, s: Settings, reporter: R
             doc["flags"] += [{"target": t.name, **f} for f in narrow_layers(t.model)]
     counter, counter_reason = (None, "energy measurement disabled (--no-energy)")
     if s.energy and s.energy_estimate_w is None:
-        counter, counter_reason = energy.detect(s.device)
+        counter, counter_reason = energy.detect(s.device, torch.cuda.current_device() if s.device == "cuda" and torch.cuda.is_available() else 0)
     workdir = Path(tempfile.mkdtemp(prefix="compress-profile-"))
     try:
+        _prepare(everyone, s, workdir)
         for backend in s.backends:
             live = [t for t in everyone if t.supports(backend)]
             for t in everyone:
@@ -119,6 +122,17 @@ def run(targets: list[Target], baseline: Target | None, s: Settings, reporter: R
     for t, tj in zip(everyone, doc["targets"]):
         tj["params"], tj["macs"] = t.params, t.macs
     return doc
+
+
+def _prepare(everyone: list[Target], s: Settings, workdir: Path) -> None:
+    """Work that would otherwise land inside the first target's memory window: the CUDA context, and
+    exporting model targets to ONNX. Memory figures then do not depend on the order of the targets."""
+    if s.device == "cuda" and torch.cuda.is_available():
+        torch.empty(1, device="cuda")
+    if "onnxruntime" in s.backends:
+        for t in everyone:
+            if t.supports("onnxruntime"):
+                ensure_onnx(t, workdir)
 
 
 def _one(live, baseline, backend, batch, s: Settings, counter, counter_reason, workdir, reporter, doc) -> list[dict]:

@@ -70,7 +70,7 @@ def versions() -> dict:
         import tensorrt
 
         v["tensorrt"] = tensorrt.__version__
-    except ImportError:
+    except Exception:  # not installed, or a broken install (the PyPI stub, missing CUDA libraries): CPU profiles go on
         v["tensorrt"] = None
     return v
 

@@ -169,12 +169,31 @@ def test_run_py_classifies_real_digits(cnn_parent, bundle, tmp_path):
 
 
 def test_gpu_target_bundles_carry_their_runtime(cli, cnn_parent, tmp_path):
-    for target in ("onnxruntime-cuda", "tensorrt", "jetson"):
-        out = tmp_path / f"{target}.tar.gz"
-        cli("package", cnn_parent, "--target", target, "--out", out, "--no-profile")
-        m = json.loads(_members(out)["bundle/manifest.json"])
-        assert m["runtime"]["target"] == target
-        cli("package", "--verify", out)  # the same graph is checked with ONNX Runtime on this CPU
+    out = tmp_path / "jetson.tar.gz"
+    cli("package", cnn_parent, "--target", "jetson", "--out", out, "--no-profile")
+    members = _members(out)
+    assert json.loads(members["bundle/manifest.json"])["runtime"]["target"] == "jetson"
+    assert "cuda-python>=12.2,<12.7" in members["bundle/requirements.txt"].decode()
+    cli("package", "--verify", out)  # the same graph is checked with ONNX Runtime on this CPU
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "tensorrt-cu13", "jetson"])
+def test_tensorrt_targets_pin_one_cuda_major(target):
+    """Bare `tensorrt`/`cuda-python` resolve to CUDA 13 wheels, which fail with CUDA error 35 under a CUDA 12
+    driver: every TensorRT target pins cuda-python to one CUDA major, and the TensorRT wheel to the same."""
+    from exporters.bundle import TARGETS
+
+    reqs = TARGETS[target]["requirements"]
+    cuda = [r for r in reqs if r.startswith("cuda-python")]
+    assert len(cuda) == 1
+    low, high = cuda[0].removeprefix("cuda-python>=").split(",<")
+    major = int(low.split(".")[0])
+    assert float(high) <= major + 1  # never the next CUDA major
+    trt = [r for r in reqs if r.startswith("tensorrt")]
+    if target == "jetson":
+        assert trt == [] and major == 12  # JetPack's own TensorRT, CUDA 12
+    else:
+        assert len(trt) == 1 and trt[0].startswith(f"tensorrt-cu{major}")
 
 
 @pytest.mark.skipif(os.environ.get("COMPRESS_SLOW_TESTS") != "1", reason="opt-in: set COMPRESS_SLOW_TESTS=1 (installs the bundle's requirements into a fresh venv)")

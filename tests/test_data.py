@@ -138,6 +138,6 @@ def test_epoch_batches_are_reproducible_and_differ_between_epochs():
     ds = load_dataset(DataSpec("digits"))
     spec = ds.input_spec(3, 16, 16)
     first = lambda epoch: next(iter(Batches(ds.train, spec, 32, shuffle=True, augment_ops=("crop", "flip"), seed=3, epoch=epoch)))
-    (a, ya), (b, yb), (c, yc) = first(0), first(0), first(1)
+    (a, ya), (b, yb), (_, yc) = first(0), first(0), first(1)
     assert torch.equal(a, b) and torch.equal(ya, yb) and not torch.equal(ya, yc)
     assert a.shape == (32, 3, 16, 16)

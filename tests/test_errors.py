@@ -2,11 +2,7 @@
 Property tests: pruned models always run, export and keep their output size. Same seed, same bits."""
 
 import json
-import math
-import os
-import pickle
 
-import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
@@ -91,7 +87,7 @@ CASES = [
     (["profile", "{parent}", "--batch-sizes", "0"], "--batch-sizes"),
     (["profile", "{parent}", "--batch-sizes", "one"], "--batch-sizes"),
     (["profile", "{dir}/missing"], "does not exist"),
-    (["profile", "{parent}", "--tolerance", "lots"], "--tolerance"),
+    (["profile", "{parent}", "--max-regression", "lots"], "--max-regression"),
     (["profile", "{parent}", "--against", "{dir}/nothere.json"], "does not exist"),
     (["profile", "{parent}", "--assert-speedup", "2"], "--baseline"),
     (["profile", "{parent}", "--json", "{dir}/exists"], "already exists"),
@@ -103,7 +99,11 @@ CASES = [
     (["info", "{dir}/notmodel"], "not a model directory"),
     (["prune", "--model", "{parent}", "--out", OUT, "--no-such-flag"], "No such option"),
     (["finetune", "{parent}", "--lr", "1e30", "--optimizer", "sgd", "--epochs", "1", "-q", "--out", OUT], "diverged"),
-    (["profile", "{parent}", "--backend", "tensorrt", "--rounds", "2"], "nothing was measured"),
+    (["profile", "{parent}", "--backend", "tensorrt", "--device", "cuda", "--rounds", "2"], "nothing was measured"),
+    (["profile", "{parent}", "--backend", "tensorrt", "--rounds", "2"], "pass --device cuda"),
+    (["profile", "{parent}", "--ort-provider", "cuda", "--rounds", "2"], "pass --device cuda"),
+    (["profile", "{parent}", "--batch-sizes", "1", "--gate-batch-sizes", "32", "--assert-speedup", "1.1",
+      "--baseline", "{parent}"], "--gate-batch-sizes"),
 ]
 
 

@@ -1,7 +1,6 @@
 """Every importance metric on a CNN and a ViT, through the CLI; the seed-000 ViT-B/16 parameter check."""
 
 import copy
-import json
 
 import numpy as np
 import onnxruntime as ort
@@ -79,7 +78,7 @@ def test_taylor_differs_from_l1_on_a_trained_model(cli, cnn_parent, tmp_path):
 
 def test_random_is_seeded(cli, cnn_parent, tmp_path):
     a = _prune(cli, cnn_parent, tmp_path / "r1", "random", "0.5", "--seed", "7")
-    b = _prune(cli, cnn_parent, tmp_path / "r2", "random", "0.5", "--seed", "7")
+    _prune(cli, cnn_parent, tmp_path / "r2", "random", "0.5", "--seed", "7")
     c = _prune(cli, cnn_parent, tmp_path / "r3", "random", "0.5", "--seed", "8")
     assert torch.equal(_kept(tmp_path / "r1"), _kept(tmp_path / "r2"))
     assert not all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), c.model.state_dict().values()))

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from compressor.data import DataSpec, InputSpec, load_dataset
+from compressor.data import DataSpec, InputSpec
 from compressor.errors import UserError
 from compressor.layers import find_blocks, removable
 from compressor.modeldir import ModelRecord, load_model_dir, remove_blocks, save_model_dir

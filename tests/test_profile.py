@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from profilers import energy, stats
-from profilers.energy import JetsonRailCounter, NvmlCounter, find_jetson_rail, nvml_counter, rapl_counter
+from profilers.energy import JetsonRailCounter, find_jetson_rail, nvml_counter, rapl_counter
 
 SCHEMA = json.loads((Path(__file__).parents[1] / "profilers" / "profile.schema.json").read_text())
 FAST = ["--rounds", "3", "--warmup", "2", "--min-iters", "5", "--min-time", "0.05", "--batch-sizes", "1,4"]
@@ -93,9 +93,9 @@ def test_gates_fail_with_one_line(cli, cnn_parent, child, tmp_path, monkeypatch)
     for r in old["results"]:
         r["latency_ms"]["p50"] /= 100  # pretend the previous run was 100x faster
     (tmp_path / "old.json").write_text(json.dumps(old))
-    _, _, err = cli("profile", child, "--baseline", cnn_parent, "--against", tmp_path / "old.json", "--tolerance", "10%", *GATE, expect=1)
+    _, _, err = cli("profile", child, "--baseline", cnn_parent, "--against", tmp_path / "old.json", "--max-regression", "10%", *GATE, expect=1)
     assert "regressed" in err
-    cli("profile", child, "--baseline", cnn_parent, "--against", tmp_path / "ok.json", "--tolerance", "900%", *GATE)
+    cli("profile", child, "--baseline", cnn_parent, "--against", tmp_path / "ok.json", "--max-regression", "900%", *GATE)
 
 
 # ----------------------------------------------------------------------------- energy readers
@@ -182,12 +182,12 @@ def test_nvml_counter_and_window_arithmetic():
         calls.append(1)
         nv.mj += 2000
 
-    res = energy.measure(c, run_once, batch=4, window_s=0.05, idle_s=0.0)
+    res = energy.measure(c, run_once, batch=4, window_s=0.05, idle_s=0.0, settle_s=0.0)
     assert res.source == "nvml" and res.inferences == 4 * len(calls)
     assert res.joules_per_inference == pytest.approx(0.5)  # 2 J per batch of 4
     assert res.throttled is False
     nv.reasons = 0x4  # SW power cap
-    res = energy.measure(c, run_once, batch=1, window_s=0.02, idle_s=0.0)
+    res = energy.measure(c, run_once, batch=1, window_s=0.02, idle_s=0.0, settle_s=0.0)
     assert res.throttled is True
 
 

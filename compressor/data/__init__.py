@@ -5,8 +5,6 @@ from __future__ import annotations
 import functools
 from dataclasses import asdict, dataclass
 
-import torch
-
 from ..errors import UserError
 from .loader import Batches, InputSpec, to_model_input
 from .sources import ImageSet, RawDataset, load_cifar, load_digits, load_fake, load_fashion_mnist, load_imagefolder

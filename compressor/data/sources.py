@@ -7,7 +7,6 @@ that can only rebuild NumPy arrays and plain containers.
 from __future__ import annotations
 
 import gzip
-import io
 import pickle
 import struct
 from dataclasses import dataclass

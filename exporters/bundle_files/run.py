@@ -64,10 +64,32 @@ class OnnxRuntimeModel:
 
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path), providers=providers)
+        got = self.session.get_providers()[0]
+        if got != providers[0]:  # ONNX Runtime falls back to the CPU silently when CUDA libraries do not load
+            raise RuntimeError(f"ONNX Runtime fell back to {got}: install onnxruntime-gpu (not onnxruntime) with "
+                               "matching CUDA/cuDNN, or pass --device cpu")
         self.name = self.session.get_inputs()[0].name
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.name: x})[0].astype(np.float32)
+
+
+def _cudart():
+    """cuda-python's runtime API: `cuda.bindings` from 12.6.1 on, `cuda.cudart` before (JetPack 6.0)."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        from cuda import cudart
+    return cudart
+
+
+def engine_cache_dir() -> Path:
+    """Engines are built per GPU and TensorRT version, outside the (possibly read-only, shared) bundle."""
+    import os
+
+    base = os.environ.get("COMPRESS_ENGINE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                                   os.path.expanduser("~/.cache"), "compress-engines")
+    return Path(base)
 
 
 class TensorRTModel:
@@ -75,12 +97,18 @@ class TensorRTModel:
     runs it with execute_async_v3 on device buffers allocated through cuda-python."""
 
     def __init__(self, onnx_path: Path, max_batch: int = 32):
-        import tensorrt as trt
-        from cuda.bindings import runtime as cudart
+        import hashlib
+        import os
+        import re
 
-        self.trt, self.cudart = trt, cudart
+        import tensorrt as trt
+
+        self.trt, self.cudart, self.max_batch = trt, _cudart(), max_batch
         logger = trt.Logger(trt.Logger.WARNING)
-        engine_path = onnx_path.with_suffix(f".trt{trt.__version__}.engine")
+        props = self._check(self.cudart.cudaGetDeviceProperties(0))
+        gpu = re.sub(r"[^A-Za-z0-9]+", "-", props.name.decode() if isinstance(props.name, bytes) else str(props.name))
+        model = hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:16]
+        engine_path = engine_cache_dir() / f"{model}-trt{trt.__version__}-{gpu}-sm{props.major}{props.minor}-b{max_batch}.engine"
         if not engine_path.exists():
             builder = trt.Builder(logger)
             network = builder.create_network(0)
@@ -88,6 +116,8 @@ class TensorRTModel:
             if not parser.parse_from_file(str(onnx_path)):
                 raise RuntimeError("TensorRT cannot parse the bundled ONNX")
             config = builder.create_builder_config()
+            if hasattr(trt.BuilderFlag, "TF32"):
+                config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: the bundle was checked at 1e-4
             inp = network.get_input(0)
             shape = tuple(inp.shape[1:])
             profile = builder.create_optimization_profile()
@@ -96,8 +126,13 @@ class TensorRTModel:
             plan = builder.build_serialized_network(network, config)
             if plan is None:
                 raise RuntimeError("TensorRT failed to build an engine")
-            engine_path.write_bytes(bytes(plan))
+            engine_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = engine_path.with_name(f".{engine_path.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(bytes(plan))
+            os.replace(tmp, engine_path)  # a concurrent or killed build never leaves half an engine
         self.engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"TensorRT cannot load {engine_path}; delete it to rebuild")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inp = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
@@ -110,9 +145,14 @@ class TensorRTModel:
         return result[1] if isinstance(result, tuple) and len(result) > 1 else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.concatenate([self._run(x[i:i + self.max_batch]) for i in range(0, len(x), self.max_batch)])
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
         cudart = self.cudart
         x = np.ascontiguousarray(x, dtype=np.float32)
-        self.context.set_input_shape(self.inp, x.shape)
+        if not self.context.set_input_shape(self.inp, x.shape):
+            lo, _, hi = self.engine.get_tensor_profile_shape(self.inp, 0)
+            raise RuntimeError(f"batch {x.shape[0]} is outside the engine's profile (batch {lo[0]} to {hi[0]})")
         out = np.empty(tuple(self.context.get_tensor_shape(self.out)), dtype=np.float32)
         d_in = self._check(cudart.cudaMalloc(x.nbytes))
         d_out = self._check(cudart.cudaMalloc(out.nbytes))
