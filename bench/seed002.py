@@ -17,14 +17,14 @@ base = RUNS / "seed002"
 parent = base / "parent"
 compress("finetune", "--model", "resnet32", *DATA, "--epochs", "15", "--lr", "1e-3", "--lr-schedule", "cosine", "--weight-decay", "1e-4",
          "--out", parent, "--overwrite", "-q", log=log, done=(parent / "model.json").exists())
-LOOP = ["--structure", "auto", "--iterations", "6", "--candidate-epochs", "1", "--epochs-per-iteration", "1",
+LOOP = ["--iterations", "6", "--candidate-epochs", "1", "--epochs-per-iteration", "1",
         "--calib-size", "100", "--seed", "0"]
 methods = {"CKA (ours / seed 002)": [], "random walk": ["--similarity", "random"], "layers only": ["--only", "layers"],
            "filters only (same budget)": ["--only", "filters"]}
 rows, paths = [], []
 for name, extra in methods.items():
     out = base / name.split(" ")[0].replace("(", "")
-    compress("prune", "--model", parent, *DATA, *LOOP, *extra, "--out", out, "--overwrite", "-q", log=log,
+    compress("prune", "auto", "--model", parent, *DATA, *LOOP, *extra, "--out", out, "--overwrite", "-q", log=log,
              done=(out / "model.json").exists())
     logd = load(out / "auto_log.json")
     root = logd["root"]

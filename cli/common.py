@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,7 +13,9 @@ from compressor.errors import UserError
 from compressor.finetune import TrainConfig, default_augment
 from compressor.progress import Reporter
 
-Model = Annotated[str, typer.Option("--model", "-m", help="Model directory, or a name: resnet20/32/44/56/110, vgg16_bn_cifar, vit_cifar, any torchvision or timm model (torchvision:NAME / timm:NAME to pick a library).")]
+MODEL_HELP = ("Model directory, or a name: resnet20/32/44/56/110, vgg16_bn_cifar, vit_cifar, any torchvision or timm model "
+              "(torchvision:NAME / timm:NAME to pick a library)")
+Model = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP + ".")]
 Checkpoint = Annotated[Optional[Path], typer.Option(help="Weights for a model name: .safetensors, or a state dict loaded with torch.load(weights_only=True).")]
 Pretrained = Annotated[bool, typer.Option("--pretrained", help="Library weights for a model name (downloads; needs a network).")]
 TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow full unpickling of --checkpoint. Runs code from the file: only for files you trust.")]
@@ -51,6 +54,50 @@ Loader = Annotated[str, typer.Option(help="tensor (in-memory, batched augmentati
 Workers = Annotated[int, typer.Option(help="DataLoader workers (dataloader path and image folders).")]
 
 
+def load_config(ctx: typer.Context, param, value: Path | None) -> Path | None:
+    """--config FILE: a TOML recipe whose keys are this command's long option names (`sparsity`, `out`,
+    `lr-schedule`); the command's table ([compare], [prune], [prune.auto]...) when present, else the top level.
+    Options given on the command line win. Click's default_map does the mapping (no parser of our own)."""
+    if value is None:
+        return None
+    try:
+        data = tomllib.loads(Path(value).read_text())
+    except OSError as e:
+        raise UserError(f"--config {value}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"--config {value} is not valid TOML ({e})") from None
+    path, c = [], ctx
+    while c.parent is not None:  # e.g. ["prune", "layers"] for `compress prune layers`: table [prune.layers]
+        path.insert(0, c.info_name or "")
+        c = c.parent
+    node = data
+    for part in path:
+        node = node.get(part) if isinstance(node.get(part), dict) else (data if node is data else {})
+    section = {k: v for k, v in node.items() if not isinstance(v, dict)}
+    where = f"--config {value}" + (f" [{'.'.join(path)}]" if node is not data else "")
+    ctx.default_map = {**(ctx.default_map or {}), **config_defaults(ctx.command, section, where)}
+    return value
+
+
+def config_defaults(command, section: dict, where: str) -> dict:
+    """Map recipe keys onto a command's parameters (refusing unknown keys); lists become comma lists."""
+    by_key = {}
+    for p in command.params:
+        by_key[p.name] = p
+        by_key.update({o[2:]: p for o in getattr(p, "opts", []) if o.startswith("--")})
+    out = {}
+    for key, v in section.items():
+        p = by_key.get(key)
+        if p is None or p.name == "config" or getattr(p, "param_type_name", "") != "option":
+            raise UserError(f"{where}: '{key}' is not an option of this command")
+        out[p.name] = v if p.multiple or not isinstance(v, list) else ",".join(map(str, v))
+    return out
+
+
+Config = Annotated[Optional[Path], typer.Option("--config", help="TOML recipe: option names as keys (e.g. configs/*.toml); flags given here win.",
+                                                is_eager=True, callback=load_config)]
+
+
 def csv_list(text: str | None, kind=str, what: str = "list") -> list:
     if text is None:
         return []
@@ -66,9 +113,17 @@ def csv_list(text: str | None, kind=str, what: str = "list") -> list:
     return out
 
 
-def train_config(*, epochs, batch_size, optimizer, lr, weight_decay, momentum, nesterov, schedule, milestones, augment,
-                 bn_l1, distill_temperature, distill_weight, amp, channels_last, compile, loader, workers, seed,
-                 dataset: str, device) -> TrainConfig:
+TRAIN = TrainConfig()  # the one set of training defaults: finetune, compare and prune auto start from it
+
+
+def train_config(*, dataset: str, device, epochs=TRAIN.epochs, batch_size=TRAIN.batch_size, optimizer=TRAIN.optimizer,
+                 lr=None, weight_decay=TRAIN.weight_decay, momentum=TRAIN.momentum, nesterov=TRAIN.nesterov,
+                 schedule=TRAIN.schedule, milestones=None, augment=None, bn_l1=TRAIN.bn_l1,
+                 distill_temperature=TRAIN.distill_temperature, distill_weight=TRAIN.distill_weight, amp=True,
+                 channels_last=None, compile=TRAIN.compile, loader=TRAIN.loader, workers=TRAIN.workers,
+                 seed=TRAIN.seed) -> TrainConfig:
+    """A TrainConfig from command options; what a command does not expose keeps the shared default.
+    amp and channels_last mean "where CUDA is used"."""
     if optimizer not in ("adam", "sgd"):
         raise UserError("--optimizer must be adam or sgd")
     if augment is None:

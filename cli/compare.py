@@ -29,13 +29,13 @@ def compare(
     profile_backend: Annotated[str, typer.Option(help="Backend for the measured speedup (onnxruntime, torch) or none.")] = "onnxruntime",
     profile_batch: Annotated[int, typer.Option(help="Batch size for the measured speedup.")] = 1,
     profile_rounds: Annotated[int, typer.Option(help="Interleaved parent/child rounds of each speedup measurement (>= 3).")] = 7,
-    batch_size: c.BatchSize = 128,
-    optimizer: c.Optimizer = "adam",
+    batch_size: c.BatchSize = c.TRAIN.batch_size,
+    optimizer: c.Optimizer = c.TRAIN.optimizer,
     lr: c.Lr = None,
-    weight_decay: c.WeightDecay = 1e-3,
-    momentum: c.Momentum = 0.9,
-    nesterov: c.Nesterov = False,
-    lr_schedule: c.Schedule = "constant",
+    weight_decay: c.WeightDecay = c.TRAIN.weight_decay,
+    momentum: c.Momentum = c.TRAIN.momentum,
+    nesterov: c.Nesterov = c.TRAIN.nesterov,
+    lr_schedule: c.Schedule = c.TRAIN.schedule,
     milestones: c.Milestones = None,
     augment: c.Augment = None,
     checkpoint: c.Checkpoint = None,
@@ -53,8 +53,9 @@ def compare(
     resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped grid; finished cells are kept.")] = False,
     overwrite: c.Overwrite = False,
     quiet: c.Quiet = False,
+    config: c.Config = None,
 ):
-    """Run every metric x sparsity from one parent; write seed-000-style tables (MD/CSV/JSON) and plots."""
+    """Run every metric x sparsity from one parent, fine-tune each, measure its speedup; write tables (Markdown/CSV/JSON) and plots."""
     if out_dir.exists() and not resume and not overwrite:
         raise UserError(f"output {out_dir} already exists (--resume to continue it, --overwrite to replace it)")
     if resume and out_dir.exists() and not (out_dir / "compare.json").is_file():
@@ -68,8 +69,7 @@ def compare(
         raise UserError("compare fine-tunes and evaluates: pass --data")
     tcfg = c.train_config(epochs=finetune_epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
                           momentum=momentum, nesterov=nesterov, schedule=lr_schedule, milestones=milestones, augment=augment,
-                          bn_l1=0.0, distill_temperature=4.0, distill_weight=0.5, amp=True, channels_last=None, compile=False,
-                          loader="tensor", workers=0, seed=seed, dataset=ds.spec.name, device=dev)
+                          seed=seed, dataset=ds.spec.name, device=dev)
     cfg = CompareConfig(metrics=c.csv_list(metrics), sparsities=c.csv_list(sparsities, float, "--sparsities"), train=tcfg,
                         calib_size=calib_size, seed=seed, scope=tuple(c.csv_list(scope)), ffn_metric=ffn_metric,
                         global_ranking=global_ranking, round_to=round_to,

@@ -63,7 +63,7 @@ def demo(
         doc = run_profile([from_loaded("finetuned", tuned)], from_loaded("baseline", baseline),
                           Settings(backends=("onnxruntime",), batch_sizes=(1, 32), rounds=10), rep)
         report.write_all(doc, tmp / "profile")
-    b, p, f = baseline.record.metrics, summary["after"], tuned.record.metrics
+    b, p, f = baseline.record.metrics, summary.after, tuned.record.metrics
     emit(report.markdown(doc))
     console_out.print(
         f"Accuracy on the digits test split: baseline {b['top1']:.2f}%, pruned {p['top1']:.2f}% before fine-tuning, "

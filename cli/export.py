@@ -10,8 +10,7 @@ import typer
 from compressor import atomic
 from compressor.errors import UserError
 from compressor.modeldir import load_model_dir
-from exporters.model_export import export_onnx, export_tensorrt
-from exporters.precision import PRECISIONS
+from exporters.model_export import FORMATS
 
 from . import common as c
 from .output import out as console_out
@@ -20,7 +19,7 @@ from .output import out as console_out
 def export(
     directory: Annotated[Path, typer.Argument(help="Model directory to export.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output file (.onnx or .engine).")],
-    format: Annotated[str, typer.Option("--format", "-f", help="onnx or tensorrt.")] = "onnx",
+    format: Annotated[str, typer.Option("--format", "-f", help=f"{' or '.join(FORMATS)}.")] = "onnx",
     precision: Annotated[str, typer.Option(help="fp32, fp16 or int8: written into the ONNX graph.")] = "fp32",
     data: c.Data = None,
     tolerance: Annotated[Optional[float], typer.Option(help="Max |ONNX - PyTorch| allowed (default per precision).")] = None,
@@ -35,22 +34,23 @@ def export(
     overwrite: c.Overwrite = False,
 ):
     """Write the physically smaller model as ONNX (checked against PyTorch) or a TensorRT engine."""
-    if format not in ("onnx", "tensorrt"):
-        raise UserError("--format must be onnx or tensorrt")
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
+    fmt = FORMATS.get(format)
+    if fmt is None:
+        raise UserError(f"--format must be {' or '.join(FORMATS)}")
+    if precision not in fmt.precisions:
+        raise UserError(f"--precision must be one of {', '.join(fmt.precisions)}")
     if calib_size < 1 or check_size < 1:
         raise UserError("--calib-size and --check-size must be >= 1")
     atomic.check_output_path(out, overwrite, kind="file")
     lm = load_model_dir(directory)
-    if format == "onnx":
-        rep = export_onnx(lm, out, precision, data, tolerance, calib_size, check_size)
+    if fmt.name == "onnx":
+        rep = fmt.write(lm, out, precision, data, tolerance, calib_size, check_size)
         a = rep["agreement"]
         console_out.print(f"wrote {out} ({rep['bytes']:,} bytes, opset {rep['opset']}, {precision}); onnx.checker passed; "
                           f"ONNX Runtime vs PyTorch on {a['inputs_are']}: max |diff| {a['max_abs_diff']:.3g}, "
                           f"top-1 agreement {100 * a['top1_agreement']:.1f}%")
         return
-    rep = export_tensorrt(lm, out, precision, data, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+    rep = fmt.write(lm, out, precision, data, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
                           workspace_gb=workspace_gb, timing_cache=timing_cache, version_compatible=version_compatible,
                           calib_size=calib_size, check_size=check_size)
     a = rep["agreement_vs_onnxruntime"]

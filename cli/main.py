@@ -32,7 +32,7 @@ def _register() -> None:
     from . import compare, demo, export, finetune, info, package, profile, prune
 
     app.command("demo")(demo.demo)
-    app.command("prune")(prune.prune)
+    app.add_typer(prune.app, name="prune")
     app.command("finetune")(finetune.finetune)
     app.command("export")(export.export)
     app.command("profile")(profile.profile)

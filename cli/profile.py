@@ -48,6 +48,7 @@ def profile(
     max_regression: Annotated[str, typer.Option(help="Allowed p50 latency regression against --against, e.g. 10% or 0.1.")] = "10%",
     overwrite: c.Overwrite = False,
     quiet: c.Quiet = False,
+    config: c.Config = None,
 ):
     """Measure latency, throughput, memory and energy; show the FLOPs reduction next to the speedup it bought."""
     if device == "auto":

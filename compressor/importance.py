@@ -9,6 +9,9 @@ so they are computed here and handed to torch-pruning through its Importance int
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,25 +22,51 @@ from .errors import UserError
 from .progress import QUIET, Reporter
 from .structures import GroupInfo, Masks, execution_order, group_key
 
-METRICS = ("l1", "l2", "random", "taylor", "bn-scale", "output-norm-greedy", "kl")
-DATA_METRICS = {"taylor", "kl", "output-norm-greedy"}
 _WEIGHTED = [nn.modules.conv._ConvNd, nn.Linear]
 
 
-def library_importance(metric: str, global_ranking: bool) -> tp.importance.Importance | None:
-    """torch-pruning's class for metrics it implements exactly; None for the ones computed here."""
+def _norm(global_ranking: bool) -> str | None:
     # Per-group normalisation only matters when ranks are compared across groups (global ranking).
-    norm = "mean" if global_ranking else None
-    if metric in ("l1", "l2"):
-        return tp.importance.GroupMagnitudeImportance(p=1 if metric == "l1" else 2, group_reduction="sum",
-                                                      normalizer=norm, target_types=_WEIGHTED)
-    if metric == "taylor":
-        return tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=norm, target_types=_WEIGHTED)
-    if metric == "random":
-        return tp.importance.RandomImportance()
-    if metric == "bn-scale":
-        return tp.importance.BNScaleImportance(group_reduction="sum", normalizer=norm)
-    return None
+    return "mean" if global_ranking else None
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One importance metric: torch-pruning's class where it implements the metric exactly (`library`),
+    else our scorer (`scores`: model, groups, calibration set, spec, batch, device, greedy step, reporter)."""
+
+    name: str
+    source: str  # the paper or algorithm, for --help and the README
+    needs_data: bool = False  # ranks by the model's outputs on the calibration set
+    gradients: bool = False  # needs dL/dw accumulated over the calibration set first
+    needs_batchnorm: bool = False
+    library: Callable[[bool], tp.importance.Importance] | None = None
+    scores: Callable[..., dict] | None = None
+
+
+def _greedy(model, infos, calib, spec, batch, device, step, reporter):
+    return greedy_output_norm_scores(model, infos, calib, spec, batch, device, step, reporter)
+
+
+def _kl(model, infos, calib, spec, batch, device, step, reporter):
+    return kl_scores(model, infos, calib, spec, batch, device, reporter)
+
+
+REGISTRY: dict[str, Metric] = {m.name: m for m in (
+    Metric("l1", "L1 norm (Li et al. 2017)", library=lambda g: tp.importance.GroupMagnitudeImportance(
+        p=1, group_reduction="sum", normalizer=_norm(g), target_types=_WEIGHTED)),
+    Metric("l2", "L2 norm", library=lambda g: tp.importance.GroupMagnitudeImportance(
+        p=2, group_reduction="sum", normalizer=_norm(g), target_types=_WEIGHTED)),
+    Metric("random", "seeded random", library=lambda g: tp.importance.RandomImportance()),
+    Metric("taylor", "first-order Taylor (Molchanov et al. 2019)", needs_data=True, gradients=True,
+           library=lambda g: tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=_norm(g),
+                                                                   target_types=_WEIGHTED)),
+    Metric("bn-scale", "BatchNorm scale (network slimming, Liu et al. 2017)", needs_batchnorm=True,
+           library=lambda g: tp.importance.BNScaleImportance(group_reduction="sum", normalizer=_norm(g))),
+    Metric("output-norm-greedy", "greedy output norm (Lajić et al.)", needs_data=True, scores=_greedy),
+    Metric("kl", "KL divergence of the outputs (Luo & Wu 2020)", needs_data=True, scores=_kl),
+)}
+METRICS = tuple(REGISTRY)
 
 
 class ScoreTable(tp.importance.Importance):
@@ -157,7 +186,7 @@ def _output_energy(model: nn.Module, info: GroupInfo, batches: Batches) -> torch
 def greedy_output_norm_scores(model: nn.Module, infos: list[GroupInfo], calib: ImageSet, spec: InputSpec,
                               batch_size: int, device, step: int = 1,
                               reporter: Reporter = QUIET) -> dict[tuple[int, str], torch.Tensor]:
-    """Seed 001's greedy criterion: repeatedly remove the unit whose output has the lowest norm on the
+    """Lajić et al.'s greedy criterion: repeatedly remove the unit whose output has the lowest norm on the
     calibration set, recomputing after each removal, with every earlier removal in place.
 
     Groups are processed upstream first. In a group with a single producing layer, removing one unit does
@@ -193,5 +222,5 @@ def greedy_output_norm_scores(model: nn.Module, infos: list[GroupInfo], calib: I
 
 
 def check_metric(metric: str) -> None:
-    if metric not in METRICS:
+    if metric not in REGISTRY:
         raise UserError(f"unknown metric '{metric}' (choose from {', '.join(METRICS)})")

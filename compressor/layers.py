@@ -132,5 +132,5 @@ def choose_blocks(model: nn.Module, scores: dict[str, float], n: int, min_per_st
 
 
 def conv_channels(module: nn.Module) -> int:
-    """Output channels of every conv inside (the seed's count of filters a layer removal takes)."""
+    """Output channels of every conv inside (do Nascimento et al.'s count of filters a layer removal takes)."""
     return sum(m.out_channels for m in module.modules() if isinstance(m, nn.modules.conv._ConvNd))

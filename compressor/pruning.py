@@ -228,29 +228,25 @@ def _plan(infos: list[GroupInfo], model: nn.Module, cfg: WidthConfig) -> int:
 
 
 def _importance(model, pruner, infos, spec, cfg, calib, device, reporter):
-    needs_data = {cfg.metric, cfg.ffn_metric} & imp.DATA_METRICS if is_vit(model) else {cfg.metric} & imp.DATA_METRICS
-    if needs_data and calib is None:
-        raise UserError(f"metric {', '.join(sorted(needs_data))} needs calibration data (pass --data)")
-    kinds = {i.key: i.kind for i in infos}
     metric_of = {"head": cfg.metric, "ffn": cfg.ffn_metric if is_vit(model) else cfg.metric, "channel": cfg.metric}
-    if "bn-scale" in {metric_of[i.kind] for i in infos if i.n_remove}:
-        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            raise UserError("bn-scale ranks structures by the BatchNorm after them; this model has no BatchNorm")
-    if "taylor" in {metric_of[i.kind] for i in infos if i.n_remove}:
+    used = {imp.REGISTRY[metric_of[i.kind]] for i in infos if i.n_remove}
+    needs_data = sorted(m.name for m in used if m.needs_data)
+    if needs_data and calib is None:
+        raise UserError(f"metric {', '.join(needs_data)} needs calibration data (pass --data)")
+    if any(m.needs_batchnorm for m in used) and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise UserError("bn-scale ranks structures by the BatchNorm after them; this model has no BatchNorm")
+    if any(m.gradients for m in used):
         imp.accumulate_gradients(model, calib, spec, cfg.calib_batch, device, reporter)
     by_kind = {}
     for kind in ("head", "ffn", "channel"):
-        metric = metric_of[kind]
+        metric = imp.REGISTRY[metric_of[kind]]
         targets = [i for i in infos if i.kind == kind and i.n_remove]
-        lib = imp.library_importance(metric, cfg.global_ranking)
-        if lib is not None or not targets:
-            by_kind[kind] = lib
-        elif metric == "kl":
-            by_kind[kind] = imp.ScoreTable(imp.kl_scores(model, targets, calib, spec, cfg.calib_batch, device, reporter))
+        if metric.library is not None or not targets:
+            by_kind[kind] = None if metric.library is None else metric.library(cfg.global_ranking)
         else:
-            by_kind[kind] = imp.ScoreTable(imp.greedy_output_norm_scores(model, targets, calib, spec, cfg.calib_batch,
-                                                                         device, cfg.greedy_step, reporter))
-    return imp.ByKind(kinds, by_kind)
+            by_kind[kind] = imp.ScoreTable(metric.scores(model, targets, calib, spec, cfg.calib_batch, device, cfg.greedy_step,
+                                                         reporter))
+    return imp.ByKind(kinds={i.key: i.kind for i in infos}, by_kind=by_kind)
 
 
 def _window_attentions(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -469,6 +465,14 @@ def check_runs(model: nn.Module, spec: InputSpec, when: str) -> None:
 
 
 # ----------------------------------------------------------------------------- per-group widths (latency-aware)
+def planned_groups(model: nn.Module, spec: InputSpec, cfg: WidthConfig):
+    """(pruner, groups) torch-pruning would prune under `cfg`, each with the units this run removes (n_remove)."""
+    pruner, ffn_ids = _make_pruner(model, spec, cfg)
+    infos = describe(pruner, model, ffn_ids)
+    _plan(infos, model, cfg)
+    return pruner, infos
+
+
 def channel_groups(model: nn.Module, spec: InputSpec, cfg: WidthConfig | None = None):
     """(pruner, groups with more than one unit) of a CNN's channels."""
     if is_vit(model):

@@ -7,7 +7,7 @@ where the directory goes.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -209,11 +209,31 @@ def measure(model: nn.Module, spec: InputSpec, ds: Dataset | None, device) -> di
     return out
 
 
+@dataclass
+class PruneResult:
+    """What a prune step did: for the command to print, the lineage to record, compare to tabulate."""
+
+    before: dict  # params, MACs (and top-1/top-5 with data) of the input model
+    after: dict
+    prune_s: float = 0.0
+    layers: dict[str, list[int]] = field(default_factory=dict)  # module -> [before, after] width
+    heads: dict[str, list[int]] = field(default_factory=dict)
+    left_alone: dict[str, str] = field(default_factory=dict)  # group root -> why torch-pruning cannot remove it
+    calib_images: int | None = None
+    requested_sparsity: float | None = None
+    achieved_sparsity: float | None = None
+    short_of_request: bool = False  # much less pruned than asked
+    removed_blocks: list[str] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)  # block -> score (layer pruning)
+    latency: dict | None = None  # latency-aware pruning: the measured proof
+    slower: bool = False  # latency-aware: the child measured slower than its parent
+
+
 SHORT_OF_REQUEST = 0.5  # achieved below half the requested share of units is "much less pruned than asked"
 
 
 def width_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, calib_size: int, device,
-                reporter: Reporter = QUIET, settings: dict | None = None) -> tuple[nn.Module, ModelRecord, dict]:
+                reporter: Reporter = QUIET, settings: dict | None = None) -> tuple[nn.Module, ModelRecord, PruneResult]:
     spec = lm.record.input
     model = clone(lm.model).to(device).eval()
     before = measure(model, spec, ds, device)
@@ -224,25 +244,23 @@ def width_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, calib_siz
     after = measure(model, spec, ds, device)
     rec = lm.record.child()
     rec.metrics = after
-    summary = {"before": before, "after": after, "prune_s": round(prune_s, 2), "layers": report.layers,
-               "heads": report.heads, "calib_images": None if calib is None else len(calib),
-               "left_alone": report.left_alone, "requested_sparsity": cfg.sparsity,
-               "achieved_sparsity": round(report.achieved, 4),
-               # much less pruned than asked (left-alone groups, rounding, tiny layers): said loudly and recorded
-               "short_of_request": cfg.sparsity > 0 and report.achieved < SHORT_OF_REQUEST * cfg.sparsity}
+    res = PruneResult(before, after, round(prune_s, 2), report.layers, report.heads, report.left_alone,
+                      None if calib is None else len(calib), cfg.sparsity, round(report.achieved, 4),
+                      # much less pruned than asked (left-alone groups, rounding, tiny layers): said loudly and recorded
+                      cfg.sparsity > 0 and report.achieved < SHORT_OF_REQUEST * cfg.sparsity)
     rec.lineage.append(run_info("prune", {**(settings or {}), **cfg.to_json(), "structure": "width",
-                                          "calib_size": summary["calib_images"]},
+                                          "calib_size": res.calib_images},
                                 None if lm.path is None else str(lm.path),
-                                {"before": before, "after": after, "prune_s": summary["prune_s"],
+                                {"before": before, "after": after, "prune_s": res.prune_s,
                                  "left_alone": report.left_alone, "requested_sparsity": cfg.sparsity,
-                                 "achieved_sparsity": summary["achieved_sparsity"],
-                                 "short_of_request": summary["short_of_request"]}, cfg.seed))
-    return model, rec, summary
+                                 "achieved_sparsity": res.achieved_sparsity,
+                                 "short_of_request": res.short_of_request}, cfg.seed))
+    return model, rec, res
 
 
 def layer_prune(lm: LoadedModel, ds: Dataset | None, metric: str, num_blocks: int | None, min_per_stage: int,
                 calib_size: int, seed: int, device, reporter: Reporter = QUIET,
-                settings: dict | None = None) -> tuple[nn.Module, ModelRecord, dict]:
+                settings: dict | None = None) -> tuple[nn.Module, ModelRecord, PruneResult]:
     """Remove the `num_blocks` lowest-scored removable blocks at once (None = all removable)."""
     spec = lm.record.input
     model = clone(lm.model).to(device).eval()
@@ -263,11 +281,11 @@ def layer_prune(lm: LoadedModel, ds: Dataset | None, metric: str, num_blocks: in
     rec = lm.record.child()
     rec.removed_blocks = list(lm.record.removed_blocks) + chosen
     rec.metrics = after
-    summary = {"before": before, "after": after, "removed_blocks": chosen, "scores": scores}
+    res = PruneResult(before, after, removed_blocks=chosen, scores=scores)
     rec.lineage.append(run_info("prune", {**(settings or {}), "structure": "layers", "metric": metric,
                                           "num_blocks": n, "min_blocks_per_stage": min_per_stage, "removed": chosen},
                                 None if lm.path is None else str(lm.path), {"before": before, "after": after}, seed))
-    return model, rec, summary
+    return model, rec, res
 
 
 def finetune(lm: LoadedModel, ds: Dataset, cfg: TrainConfig, run_dir: Path | None, resume: bool, device,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -15,7 +17,7 @@ from compressor.modeldir import LoadedModel
 from compressor.workflows import dataset_for
 
 from . import onnx_export
-from .precision import TOLERANCE
+from .precision import PRECISIONS, TOLERANCE
 
 
 def check_inputs(lm: LoadedModel, ds: Dataset | None, n: int = 64) -> tuple[np.ndarray, str]:
@@ -93,3 +95,20 @@ def export_tensorrt(lm: LoadedModel, out: Path, precision: str = "fp16", data: s
               "input_shape": ["batch", spec.channels, spec.height, spec.width]}
     atomic.write_json(out.with_name(out.name + ".json"), report)
     return report
+
+
+@dataclass(frozen=True)
+class Format:
+    """One export format: what it writes, at which precisions, what it needs installed."""
+
+    name: str
+    suffix: str
+    precisions: tuple[str, ...]
+    extra: str | None  # the optional extra that installs its runtime
+    write: Callable[..., dict]
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("onnx", ".onnx", PRECISIONS, None, export_onnx),
+    Format("tensorrt", ".engine", PRECISIONS, "tensorrt", export_tensorrt),
+)}

@@ -1,4 +1,4 @@
-"""Seed 002: at each iteration remove either a residual block or an equal number of filters, whichever
+"""do Nascimento et al. (Pruning Everything, Everywhere, All at Once, arXiv 2506.04513): at each iteration remove either a residual block or an equal number of filters, whichever
 candidate stays closer to its parent by linear CKA after a short fine-tune.
 
 Differences from the authors' release, on purpose: candidates are compared on a held-out split of the
@@ -41,9 +41,9 @@ class AutoConfig:
     min_accuracy: float | None = None  # held-out top-1 floor, percent
     candidate_epochs: int = 10
     epochs_per_iteration: int = 10
-    similarity: str = "cka"  # "cka" | "random" (the seed's random walk)
+    similarity: str = "cka"  # "cka" | "random" (the paper's random-walk baseline)
     only: str | None = None  # "layers" | "filters": single-structure baselines with the same budget
-    layer_bias: float = 0.0  # the seed's epsilon preference for layers
+    layer_bias: float = 0.0  # the paper's epsilon preference for layers
     metric: str = "kl"  # criterion for blocks and filters: "kl" | "l1"
     min_blocks_per_stage: int = 2
     holdout: float = 0.1
@@ -58,7 +58,7 @@ class AutoConfig:
         if self.only not in (None, "layers", "filters"):
             raise UserError("--only must be layers or filters")
         if self.metric not in ("kl", "l1"):
-            raise UserError("--structure auto ranks blocks and filters with --metric kl or l1")
+            raise UserError("prune auto ranks blocks and filters with --metric kl or l1")
         if self.target_flops_reduction is not None and not (0 < self.target_flops_reduction < 1):
             raise UserError("--target-flops-reduction must be in (0, 1)")
         if not (0 < self.holdout < 0.5):
@@ -70,7 +70,7 @@ class AutoConfig:
 
 
 def decision_path(decisions: list[str]) -> str:
-    """['L','F','F','L','L','L'] -> 'L, F², L³' (the seed's notation)."""
+    """['L','F','F','L','L','L'] -> 'L, F², L³' (the paper's notation)."""
     runs: list[list] = []
     for d in decisions:
         if runs and runs[-1][0] == d:

@@ -121,7 +121,7 @@ def run(lm: LoadedModel, ds: Dataset, cfg: CompareConfig, out: Path, *, resume: 
             write_model_files(cdir, model, frec)
             child_lm = load_model_dir(cdir)
             speed = _speedup(parent, child_lm, cfg)
-            b, a = summary["before"], summary["after"]
+            b, a = summary.before, summary.after
             cell = {"name": name, "dir": f"cells/{name}", "metric": metric, "sparsity": sparsity,
                     "params": a["params"], "macs": a["macs"], "parent_params": b["params"], "parent_macs": b["macs"],
                     "flops_reduction": 1 - a["macs"] / b["macs"], "parent_top1": b.get("top1"), "parent_top5": b.get("top5"),

@@ -24,7 +24,7 @@ from compressor.modeldir import LoadedModel, ModelRecord, run_info
 from compressor.models import clone
 from compressor.progress import QUIET, Reporter
 from compressor.pruning import WidthConfig, layer_groups, prune_to_widths, unit_scores
-from compressor.workflows import measure
+from compressor.workflows import PruneResult, measure
 from profilers.layer_latency import LayerLatency, op_shapes
 from profilers.paired import model_runner, paired
 
@@ -62,7 +62,7 @@ class LatencyTarget:
 
 
 def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target: LatencyTarget, calib_size: int,
-                  device, reporter: Reporter = QUIET, settings: dict | None = None) -> tuple[nn.Module, ModelRecord, dict]:
+                  device, reporter: Reporter = QUIET, settings: dict | None = None) -> tuple[nn.Module, ModelRecord, PruneResult]:
     target.validate()
     spec = lm.record.input
     shape = (spec.channels, spec.height, spec.width)
@@ -145,15 +145,14 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
         proof["slower_layers"] = _worst_layers(layers, table, groups, best["widths"])
     rec = lm.record.child()
     rec.metrics = {**after, "latency": proof}
-    summary = {"before": before, "after": after, "prune_s": round(table_s, 2), "layers": best["changed"], "heads": {},
-               "left_alone": {}, "latency": proof, "slower": slow,
-               "calib_images": None if calib is None else len(calib)}
+    res = PruneResult(before, after, round(table_s, 2), best["changed"], calib_images=None if calib is None else len(calib),
+                      latency=proof, slower=slow)
     rec.lineage.append(run_info("prune", {**(settings or {}), **cfg.to_json(), **target.to_json(), "structure": "width",
-                                          "calib_size": summary["calib_images"]},
+                                          "calib_size": res.calib_images},
                                 None if lm.path is None else str(lm.path),
-                                {"before": before, "after": after, "prune_s": summary["prune_s"], "latency": proof},
+                                {"before": before, "after": after, "prune_s": res.prune_s, "latency": proof},
                                 cfg.seed))
-    return model, rec, summary
+    return model, rec, res
 
 
 def _next_budget(tries: list[dict], goal_ms: float) -> float:

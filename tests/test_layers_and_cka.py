@@ -88,13 +88,13 @@ def test_decision_path_notation():
 
 def test_layer_pruning_through_cli(cli, cnn_parent, tmp_path):
     out = tmp_path / "layers"
-    cli("prune", "--model", cnn_parent, "--structure", "layers", "--metric", "kl", "--num-blocks", "max",
+    cli("prune", "layers", "--model", cnn_parent, "--metric", "kl", "--num-blocks", "max",
         "--calib-size", "64", "--out", out, "-q")
     lm = load_model_dir(out)
     assert len(lm.record.removed_blocks) == 3
     assert all(isinstance(lm.model.get_submodule(p), torch.nn.Identity) for p in lm.record.removed_blocks)
     assert lm.record.metrics["macs"] < load_model_dir(cnn_parent).record.metrics["macs"]
-    _, _, err = cli("prune", "--model", cnn_parent, "--structure", "layers", "--num-blocks", "5", "--out", tmp_path / "x", expect=2)
+    _, _, err = cli("prune", "layers", "--model", cnn_parent, "--num-blocks", "5", "--out", tmp_path / "x", expect=2)
     assert "only 3 blocks can be removed" in err
 
 
@@ -108,22 +108,21 @@ def _check_iteration(cli, d, tmp_path):
 
 
 def test_auto_loop_end_to_end(cli, cnn_parent, tmp_path):
-    decisions = set()
-    for seed, extra in ((0, []), (1, ["--similarity", "random"])):
-        out = tmp_path / f"auto{seed}"
-        cli("prune", "--model", cnn_parent, "--structure", "auto", "--iterations", "3", "--candidate-epochs", "1",
-            "--epochs-per-iteration", "1", "--calib-size", "60", "--seed", str(seed), "--out", out, "-q", *extra)
-        log = json.loads((out / "auto_log.json").read_text())
-        assert len(log["iterations"]) == 3 and log["path"]
-        for row in log["iterations"]:
-            decisions.add(row["decision"])
-            assert row["cka_layer"] is not None and row["cka_filter"] is not None
-            _check_iteration(cli, out / row["dir"], tmp_path)
-        assert (out / "auto_log.md").read_text().startswith("# Layer/filter pruning by CKA")
-        load_model_dir(out)  # the run's directory is itself the final model
-    assert decisions == {"L", "F"}, decisions
+    """Three iterations of the random walk (both candidates are still built, fine-tuned and compared by CKA;
+    a seed where the walk takes both kinds). bench/seed002.py runs the CKA choice at full length."""
+    out = tmp_path / "auto"
+    cli("prune", "auto", "--model", cnn_parent, "--iterations", "3", "--candidate-epochs", "1", "--epochs-per-iteration", "1",
+        "--calib-size", "60", "--train-size", "500", "--seed", "1", "--similarity", "random", "--out", out, "-q")
+    log = json.loads((out / "auto_log.json").read_text())
+    assert len(log["iterations"]) == 3 and log["path"]
+    for row in log["iterations"]:
+        assert row["cka_layer"] is not None and row["cka_filter"] is not None
+    assert {row["decision"] for row in log["iterations"]} == {"L", "F"}, log["path"]
+    _check_iteration(cli, out / log["iterations"][-1]["dir"], tmp_path)
+    assert (out / "auto_log.md").read_text().startswith("# Layer/filter pruning by CKA")
+    load_model_dir(out)  # the run's directory is itself the final model
 
 
 def test_auto_needs_residual_stages(cli, vit_parent, tmp_path):
-    _, _, err = cli("prune", "--model", vit_parent, "--structure", "auto", "--out", tmp_path / "x", expect=2)
+    _, _, err = cli("prune", "auto", "--model", vit_parent, "--out", tmp_path / "x", expect=2)
     assert "residual" in err

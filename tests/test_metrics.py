@@ -11,8 +11,7 @@ import torch_pruning as tp
 from compressor.data import DataSpec, InputSpec, load_dataset
 from compressor.importance import METRICS, kl_scores
 from compressor.modeldir import load_model_dir
-from compressor.pruning import WidthConfig, _make_pruner, _plan, prune_width
-from compressor.structures import describe
+from compressor.pruning import WidthConfig, planned_groups, prune_width
 from exporters.model_export import check_inputs
 
 CNN_METRICS = METRICS
@@ -38,7 +37,8 @@ def _onnx_matches(cli, model_dir, tmp_path):
 @pytest.mark.parametrize("metric", CNN_METRICS)
 def test_cnn_metric_removes_channels(cli, cnn_parent, tmp_path, metric):
     parent = load_model_dir(cnn_parent)
-    child = _prune(cli, cnn_parent, tmp_path / metric, metric)
+    # greedy re-evaluates after every removal; steps of 4 keep this test short (exactness: test_greedy_removes_...)
+    child = _prune(cli, cnn_parent, tmp_path / metric, metric, "0.5", *(["--greedy-step", "4"] if metric == "output-norm-greedy" else []))
     convs = {n: m for n, m in child.model.named_modules() if isinstance(m, torch.nn.Conv2d)}
     pconvs = {n: m for n, m in parent.model.named_modules() if isinstance(m, torch.nn.Conv2d)}
     for n, m in convs.items():  # uniform 50 %: every conv keeps exactly half its filters
@@ -104,8 +104,7 @@ def test_kl_masking_equals_physical_removal(cnn_parent):
     spec = lm.record.input
     calib = ds.calibration(48, 0)
     model = lm.model
-    pruner, ffn = _make_pruner(model, spec, WidthConfig(sparsity=0.5))
-    infos = describe(pruner, model, ffn)
+    _, infos = planned_groups(model, spec, WidthConfig(sparsity=0.5))
     info = next(i for i in infos if len(i.producers) > 1)  # a residual-coupled group: the hard case
     scores = kl_scores(model, [info], calib, spec, 64, "cpu")[info.key]
     from compressor.data import to_model_input
@@ -132,9 +131,7 @@ def test_greedy_removes_lowest_output_norm_first(cnn_parent):
     spec, model = lm.record.input, lm.model
     calib = ds.calibration(64, 0)
     cfg = WidthConfig(metric="output-norm-greedy", sparsity=0.25)
-    pruner, ffn = _make_pruner(model, spec, cfg)
-    infos = describe(pruner, model, ffn)
-    _plan(infos, model, cfg)
+    _, infos = planned_groups(model, spec, cfg)
     info = next(i for i in infos if i.name == "layer1.0.conv1")  # the first independent group upstream of nothing pruned
     scores = greedy_output_norm_scores(model, [info], calib, spec, 64, "cpu")[info.key]
     consumer = info.consumers[0].module
