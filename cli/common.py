@@ -30,6 +30,7 @@ Download = Annotated[bool, typer.Option("--download", help="Download CIFAR where
 CalibSize = Annotated[int, typer.Option(help="Class-balanced calibration images from the training split (taylor, kl, greedy).")]
 Seed = Annotated[int, typer.Option(help="Seed for splits, random choices and training.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
+KlDirection = Annotated[str, typer.Option(help="kl: child-parent, KL(pruned || parent) as Luo & Wu's and do Nascimento et al.'s code; or parent-child.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
@@ -38,6 +39,7 @@ BatchSize = Annotated[int, typer.Option(help="Training batch size.")]
 Optimizer = Annotated[str, typer.Option(help="adam (the metric-comparison study) or sgd (Lajić et al.; do Nascimento et al.).")]
 Lr = Annotated[Optional[float], typer.Option(help="Learning rate (default 1e-4 for adam, 1e-3 for sgd).")]
 WeightDecay = Annotated[float, typer.Option(help="Weight decay.")]
+DecayOn = Annotated[str, typer.Option(help="Weight decay on all parameters, or conv kernels only (do Nascimento et al.'s release; its Keras l2(1e-4) equals --weight-decay 2e-4 --decay-on conv).")]
 Momentum = Annotated[float, typer.Option(help="SGD momentum.")]
 Nesterov = Annotated[bool, typer.Option("--nesterov", help="Nesterov momentum (SGD).")]
 Schedule = Annotated[str, typer.Option("--lr-schedule", help="constant, step (lr/10 at the milestones) or cosine.")]
@@ -117,7 +119,7 @@ TRAIN = TrainConfig()  # the one set of training defaults: finetune, compare and
 
 
 def train_config(*, dataset: str, device, epochs=TRAIN.epochs, batch_size=TRAIN.batch_size, optimizer=TRAIN.optimizer,
-                 lr=None, weight_decay=TRAIN.weight_decay, momentum=TRAIN.momentum, nesterov=TRAIN.nesterov,
+                 lr=None, weight_decay=TRAIN.weight_decay, decay_on=TRAIN.decay_on, momentum=TRAIN.momentum, nesterov=TRAIN.nesterov,
                  schedule=TRAIN.schedule, milestones=None, augment=None, bn_l1=TRAIN.bn_l1,
                  distill_temperature=TRAIN.distill_temperature, distill_weight=TRAIN.distill_weight, amp=True,
                  channels_last=None, compile=TRAIN.compile, loader=TRAIN.loader, workers=TRAIN.workers,
@@ -135,7 +137,7 @@ def train_config(*, dataset: str, device, epochs=TRAIN.epochs, batch_size=TRAIN.
     cuda = str(device) == "cuda"
     cfg = TrainConfig(
         epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr if lr is not None else (1e-4 if optimizer == "adam" else 1e-3),
-        weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, schedule=schedule,
+        weight_decay=weight_decay, decay_on=decay_on, momentum=momentum, nesterov=nesterov, schedule=schedule,
         milestones=tuple(csv_list(milestones, int, "--milestones")), augment=ops, bn_l1=bn_l1,
         distill_temperature=distill_temperature, distill_weight=distill_weight, amp=amp and cuda,
         channels_last=cuda if channels_last is None else channels_last, compile=compile, seed=seed, loader=loader,

@@ -10,7 +10,7 @@ import typer
 from compressor import atomic
 from orchestration.compare import CompareConfig, run
 from compressor.errors import UserError
-from compressor.workflows import Source, dataset_for, get_model, parse_model_args, pick_device
+from compressor.workflows import Source, dataset_for, get_model, keep_holdout, parse_model_args, pick_device
 
 from . import common as c
 from .output import emit, out as console_out
@@ -64,7 +64,8 @@ def compare(
     ds = dataset_for(data, data_dir, train_size, test_size, False)
     lm = get_model(Source(model, checkpoint, pretrained, trust_pickle, parse_model_args(model_arg), input_size, seed=seed), ds)
     if ds is None:
-        ds = dataset_for(None, None, None, None, False, lm.record)
+        ds = dataset_for(None, None, train_size, test_size, False, lm.record)
+    ds = keep_holdout(ds, lm.record)
     if ds is None:
         raise UserError("compare fine-tunes and evaluates: pass --data")
     tcfg = c.train_config(epochs=finetune_epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,

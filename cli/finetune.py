@@ -13,7 +13,8 @@ from compressor import atomic
 from compressor.errors import UserError
 from compressor.modeldir import CHECKPOINT_DIR, SPEC, write_model_files
 from compressor.progress import console
-from compressor.workflows import Source, check_feedable, dataset_for, finetune as run_finetune, get_model, parse_model_args, pick_device
+from compressor.workflows import (Source, check_feedable, dataset_for, finetune as run_finetune, get_model, keep_holdout,
+                                  parse_model_args, pick_device)
 
 from . import common as c
 from .output import before_after, out
@@ -54,6 +55,7 @@ def finetune(
     optimizer: c.Optimizer = c.TRAIN.optimizer,
     lr: c.Lr = None,
     weight_decay: c.WeightDecay = c.TRAIN.weight_decay,
+    decay_on: c.DecayOn = c.TRAIN.decay_on,
     momentum: c.Momentum = c.TRAIN.momentum,
     nesterov: c.Nesterov = c.TRAIN.nesterov,
     lr_schedule: c.Schedule = c.TRAIN.schedule,
@@ -76,6 +78,7 @@ def finetune(
     num_classes: c.NumClasses = None,
     seed: c.Seed = 0,
     device: c.Device = "auto",
+    holdout: Annotated[Optional[float], typer.Option(help="Keep this share of the training split out of training (class-balanced, the same images every run), recorded in model.json: descendants never train on it, and prune auto's CKA and --min-accuracy use it as unseen data. Default: the model's recorded share, else none.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last complete epoch.")] = False,
     overwrite: c.Overwrite = False,
     quiet: c.Quiet = False,
@@ -92,13 +95,16 @@ def finetune(
     atomic.check_output_path(out_dir, True)
     dev = pick_device(device)
     src = Source(str(directory or model), checkpoint, pretrained, trust_pickle, parse_model_args(model_arg), input_size, num_classes, seed)
-    ds = dataset_for(data, data_dir, train_size, test_size, download)
+    ds = dataset_for(data, data_dir, train_size, test_size, download, holdout=holdout)
     lm = get_model(src, ds)
     if ds is None:
-        ds = dataset_for(None, None, train_size, test_size, False, lm.record) or dataset_for("digits", None, train_size, test_size, False)
+        ds = (dataset_for(None, None, train_size, test_size, False, lm.record, holdout=holdout)
+              or dataset_for("digits", None, train_size, test_size, False, holdout=holdout))
         check_feedable(ds, lm.record.input, lm.record.num_classes, str(directory or model))
+    elif holdout is None:
+        ds = keep_holdout(ds, lm.record)
     cfg = c.train_config(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
-                         momentum=momentum, nesterov=nesterov, schedule=lr_schedule, milestones=milestones, augment=augment,
+                         decay_on=decay_on, momentum=momentum, nesterov=nesterov, schedule=lr_schedule, milestones=milestones, augment=augment,
                          bn_l1=bn_l1, distill_temperature=distill_temperature, distill_weight=distill_weight, amp=amp,
                          channels_last=channels_last, compile=compile, loader=loader, workers=workers, seed=seed,
                          dataset=ds.spec.name, device=dev)

@@ -10,12 +10,13 @@ import typer
 
 from compressor import atomic
 from compressor.errors import UserError
-from compressor.importance import METRICS
+from compressor.importance import KL_DEFAULT, METRICS, check_kl_direction
 from compressor.layers import LAYER_METRICS, find_blocks
 from compressor.modeldir import LoadedModel, load_model_dir, save_model_dir, write_model_files
 from compressor.models import is_vit
 from compressor.pruning import WidthConfig, validate
-from compressor.workflows import PruneResult, Source, dataset_for, get_model, layer_prune, parse_model_args, pick_device, width_prune
+from compressor.workflows import (PruneResult, Source, dataset_for, get_model, keep_holdout, layer_prune, parse_model_args,
+                                  pick_device, width_prune)
 from orchestration.auto_loop import AutoConfig, run as run_auto
 from orchestration.latency_prune import LatencyTarget, latency_prune
 from profilers.layer_latency import LayerLatency, default_cache_dir
@@ -47,6 +48,7 @@ def prune(
     global_ranking: Annotated[bool, typer.Option("--global", help="Rank across layers instead of a uniform ratio per layer.")] = False,
     round_to: Annotated[Optional[int], typer.Option(help="Round every kept width to the nearest multiple of this (e.g. 8 or 16), never below one multiple.")] = None,
     greedy_step: Annotated[int, typer.Option(help="output-norm-greedy: removals between re-evaluations in residual-coupled groups (1 = exact).")] = 1,
+    kl_direction: c.KlDirection = KL_DEFAULT,
     target_speedup: Annotated[Optional[float], _lat("choose every layer's width for this measured speedup on the latency backend (instead of --sparsity).")] = None,
     target_latency_ms: Annotated[Optional[float], _lat("a latency budget in ms instead of --target-speedup.")] = None,
     latency_backend: Annotated[str, _lat("onnxruntime or torch.")] = "onnxruntime",
@@ -73,7 +75,8 @@ def prune(
         return
     model, out_dir = _required(model, out_dir)
     cfg = WidthConfig(metric=metric, sparsity=sparsity, scope=tuple(c.csv_list(scope)), ffn_metric=ffn_metric,
-                      global_ranking=global_ranking, round_to=round_to, seed=seed, greedy_step=greedy_step)
+                      global_ranking=global_ranking, round_to=round_to, seed=seed, greedy_step=greedy_step,
+                      kl_direction=kl_direction)
     target = None
     if target_speedup is not None or target_latency_ms is not None:
         if threads is not None and threads < 1:
@@ -103,6 +106,7 @@ def layers(
     num_blocks: Annotated[str, typer.Option(help="Blocks to remove, or 'max'.")],
     metric: Annotated[str, typer.Option(help=f"Block importance: {', '.join(LAYER_METRICS)}.")] = "kl",
     min_blocks_per_stage: MinBlocks = 2,
+    kl_direction: c.KlDirection = KL_DEFAULT,
     checkpoint: c.Checkpoint = None, pretrained: c.Pretrained = False, trust_pickle: c.TrustPickle = False,
     model_arg: c.ModelArg = None, input_size: c.InputSize = None, num_classes: c.NumClasses = None,
     data: c.Data = None, data_dir: c.DataDir = None, train_size: c.TrainSize = None, test_size: c.TestSize = None,
@@ -111,6 +115,7 @@ def layers(
 ):
     """Remove whole residual blocks, ranked by the metric (the model keeps --min-blocks-per-stage per stage)."""
     _check_common(out_dir, overwrite, calib_size)
+    check_kl_direction(kl_direction)
     if metric not in LAYER_METRICS:
         raise UserError(f"prune layers takes --metric {', '.join(LAYER_METRICS)}")
     if min_blocks_per_stage < 1:
@@ -118,7 +123,8 @@ def layers(
     n = None if num_blocks == "max" else _int(num_blocks, "--num-blocks")
     src = Source(model, checkpoint, pretrained, trust_pickle, parse_model_args(model_arg), input_size, num_classes, seed)
     lm, ds, dev, settings = _load(src, data, data_dir, train_size, test_size, download, device)
-    pruned, rec, summary = layer_prune(lm, ds, metric, n, min_blocks_per_stage, calib_size, seed, dev, c.reporter(quiet), settings)
+    pruned, rec, summary = layer_prune(lm, ds, metric, n, min_blocks_per_stage, calib_size, seed, dev, c.reporter(quiet), settings,
+                                       kl_direction)
     save_model_dir(out_dir, pruned, rec)
     out.print(before_after(f"layer pruning, {metric}", summary.before, summary.after))
     out.print(f"removed blocks: {', '.join(summary.removed_blocks)}; wrote {out_dir}")
@@ -137,14 +143,19 @@ def auto(
     similarity: Annotated[str, typer.Option(help="cka, or random (a random walk between the two candidates).")] = "cka",
     only: Annotated[Optional[str], typer.Option(help="layers or filters only (baselines with the same budget).")] = None,
     layer_bias: Annotated[float, typer.Option(help="Epsilon added to the layer candidate's CKA.")] = 0.0,
-    holdout: Annotated[float, typer.Option(help="Fraction of the training split held out for CKA and the accuracy floor.")] = 0.1,
+    holdout: Annotated[float, typer.Option(help="Where the data has no recorded held-out share (compress finetune --holdout): the fraction of the training split cut now for CKA and the accuracy floor.")] = 0.1,
     min_blocks_per_stage: MinBlocks = 2,
+    kl_direction: c.KlDirection = KL_DEFAULT,
+    filter_allocation: Annotated[str, typer.Option(help="authors: floor(p x width) with p = filters to remove / every conv filter of the network, the rest at random (the release); eligible: p over the candidate convs only.")] = "authors",
     batch_size: c.BatchSize = 128,
     optimizer: Annotated[str, typer.Option(help="adam or sgd (do Nascimento et al.: sgd).")] = "sgd",
     lr: Annotated[float, typer.Option(help="Learning rate (do Nascimento et al.: 0.01).")] = 0.01,
     weight_decay: Annotated[float, typer.Option(help="Weight decay (do Nascimento et al.: 5e-4).")] = 5e-4,
     momentum: c.Momentum = c.TRAIN.momentum,
     nesterov: Annotated[bool, typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum (SGD).")] = True,
+    decay_on: c.DecayOn = c.TRAIN.decay_on,
+    lr_schedule: c.Schedule = c.TRAIN.schedule,
+    milestones: c.Milestones = None,
     augment: c.Augment = None, amp: c.Amp = True,
     checkpoint: c.Checkpoint = None, pretrained: c.Pretrained = False, trust_pickle: c.TrustPickle = False,
     model_arg: c.ModelArg = None, input_size: c.InputSize = None, num_classes: c.NumClasses = None,
@@ -158,14 +169,17 @@ def auto(
     acfg = AutoConfig(iterations=iterations, target_flops_reduction=target_flops_reduction, min_accuracy=min_accuracy,
                       candidate_epochs=candidate_epochs, epochs_per_iteration=epochs_per_iteration, similarity=similarity,
                       only=only, layer_bias=layer_bias, metric=metric, min_blocks_per_stage=min_blocks_per_stage,
-                      holdout=holdout, calib_size=calib_size, seed=seed)
+                      holdout=holdout, calib_size=calib_size, seed=seed, kl_direction=kl_direction,
+                      filter_allocation=filter_allocation)
     acfg.validate()
     src = Source(model, checkpoint, pretrained, trust_pickle, parse_model_args(model_arg), input_size, num_classes, seed)
     lm, ds, dev, settings = _load(src, data, data_dir, train_size, test_size, download, device)
     if ds is None:
         raise UserError("prune auto fine-tunes candidates: it needs --data")
-    tcfg = c.train_config(epochs=1, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                          nesterov=nesterov, augment=augment, amp=amp, seed=seed, dataset=ds.spec.name, device=dev)
+    tcfg = c.train_config(epochs=max(candidate_epochs, epochs_per_iteration, 1), batch_size=batch_size, optimizer=optimizer,
+                          lr=lr, weight_decay=weight_decay, decay_on=decay_on, momentum=momentum, nesterov=nesterov,
+                          schedule=lr_schedule, milestones=milestones, augment=augment, amp=amp, seed=seed,
+                          dataset=ds.spec.name, device=dev)
     if is_vit(lm.model):  # the filter candidate is defined on residual conv blocks
         raise UserError("prune auto chooses between residual conv blocks and their filters (ResNets); "
                         "for a ViT use prune layers or width pruning")
@@ -177,6 +191,9 @@ def auto(
             raise UserError(f"{why}; nothing written")
         best = load_model_dir(tmp / log["final"])
         write_model_files(tmp, best.model, best.record)
+    if log["holdout"]["unseen_by_parent"] is False:
+        out.print("warning: the held-out images were in the parent's training data (retrain it with compress finetune "
+                  "--holdout 0.1 for an unseen held-out split); recorded in auto_log.json", style="bold red")
     out.print(f"path {log['path']}; stopped: {log['stopped']}; final = {log['final']}; wrote {out_dir} (log: auto_log.md)")
 
 
@@ -199,7 +216,8 @@ def _load(src: Source, data, data_dir, train_size, test_size, download, device) 
     ds = dataset_for(data, data_dir, train_size, test_size, download, None)
     lm = get_model(src, ds)
     if ds is None and data is None:
-        ds = dataset_for(None, None, None, None, False, lm.record)
+        ds = dataset_for(None, None, train_size, test_size, False, lm.record)
+    ds = keep_holdout(ds, lm.record)
     return lm, ds, dev, {"model": src.model, "data": None if ds is None else ds.spec.name}
 
 

@@ -37,6 +37,7 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 1e-4  # the metric-comparison study: Adam, lr 1e-4, weight decay 1e-3
     weight_decay: float = 1e-3
+    decay_on: str = "all"  # "all" parameters, or "conv" kernels only (do Nascimento et al.'s release)
     momentum: float = 0.9
     nesterov: bool = False
     schedule: str = "constant"
@@ -66,6 +67,8 @@ class TrainConfig:
             raise UserError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}")
         if not (self.lr > 0) or math.isinf(self.lr):
             raise UserError("--lr must be a positive number")
+        if self.decay_on not in ("all", "conv"):
+            raise UserError("--decay-on must be all or conv")
         if self.weight_decay < 0 or self.bn_l1 < 0:
             raise UserError("--weight-decay and --bn-l1 must be >= 0")
         bad = [a for a in self.augment if a not in AUGMENTATIONS]
@@ -103,7 +106,11 @@ def default_augment(dataset: str) -> tuple[str, ...]:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: list = [p for p in model.parameters() if p.requires_grad]
+    if cfg.decay_on == "conv":  # weight decay on conv kernels only; biases, norms and linear layers without
+        convs = {id(m.weight) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)}
+        params = [{"params": [p for p in params if id(p) in convs]},
+                  {"params": [p for p in params if id(p) not in convs], "weight_decay": 0.0}]
     fused = {"fused": True} if device.type == "cuda" else {}
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)

@@ -20,9 +20,13 @@ import torch_pruning as tp
 from .data import Batches, ImageSet, InputSpec
 from .errors import UserError
 from .progress import QUIET, Reporter
-from .structures import GroupInfo, Masks, execution_order, group_key
+from .structures import PRODUCER_FNS, GroupInfo, Masks, execution_order, group_key
 
 _WEIGHTED = [nn.modules.conv._ConvNd, nn.Linear]
+# KL(child || parent) = sum q (log q - log p), q the model without the unit: Luo & Wu's code and do Nascimento
+# et al.'s release. parent-child, KL(p || q), is what compress computed before; kept as an option.
+KL_DIRECTIONS = ("child-parent", "parent-child")
+KL_DEFAULT = "child-parent"
 
 
 def _norm(global_ranking: bool) -> str | None:
@@ -44,17 +48,36 @@ class Metric:
     scores: Callable[..., dict] | None = None
 
 
-def _greedy(model, infos, calib, spec, batch, device, step, reporter):
-    return greedy_output_norm_scores(model, infos, calib, spec, batch, device, step, reporter)
+def _greedy(model, infos, calib, spec, batch, device, reporter, *, greedy_step=1, **_):
+    return greedy_output_norm_scores(model, infos, calib, spec, batch, device, greedy_step, reporter)
 
 
-def _kl(model, infos, calib, spec, batch, device, step, reporter):
-    return kl_scores(model, infos, calib, spec, batch, device, reporter)
+def filter_norm_scores(model, infos, calib, spec, batch, device, reporter, **_) -> dict[tuple[int, str], torch.Tensor]:
+    """Li et al. (2017), as Lajić et al. use it: the L1 norm of each filter itself, summed over the convs that
+    produce the channel (residual-coupled groups have several), without the next layers' input slices."""
+    out = {}
+    for info in infos:
+        s = torch.zeros(info.n_dims)
+        for i, (dep, idxs) in enumerate(info.group):
+            m = dep.target.module
+            if dep.handler not in PRODUCER_FNS or not isinstance(m, (nn.Conv2d, nn.Linear)):
+                continue
+            roots = info.group[i].root_idxs
+            keep = [j for j, r in enumerate(roots) if r is not None]
+            norms = m.weight.detach().abs().flatten(1).sum(1).cpu()
+            s.index_add_(0, torch.tensor([roots[j] for j in keep]), norms[torch.tensor([idxs[j] for j in keep])])
+        out[info.key] = s
+    return out
+
+
+def _kl_metric(model, infos, calib, spec, batch, device, reporter, *, kl_direction=KL_DEFAULT, **_):
+    return kl_scores(model, infos, calib, spec, batch, device, reporter, kl_direction)
 
 
 REGISTRY: dict[str, Metric] = {m.name: m for m in (
     Metric("l1", "L1 norm (Li et al. 2017)", library=lambda g: tp.importance.GroupMagnitudeImportance(
         p=1, group_reduction="sum", normalizer=_norm(g), target_types=_WEIGHTED)),
+    Metric("l1-filter", "filter L1 norm (Li et al. 2017; Lajić et al.)", scores=filter_norm_scores),
     Metric("l2", "L2 norm", library=lambda g: tp.importance.GroupMagnitudeImportance(
         p=2, group_reduction="sum", normalizer=_norm(g), target_types=_WEIGHTED)),
     Metric("random", "seeded random", library=lambda g: tp.importance.RandomImportance()),
@@ -64,9 +87,14 @@ REGISTRY: dict[str, Metric] = {m.name: m for m in (
     Metric("bn-scale", "BatchNorm scale (network slimming, Liu et al. 2017)", needs_batchnorm=True,
            library=lambda g: tp.importance.BNScaleImportance(group_reduction="sum", normalizer=_norm(g))),
     Metric("output-norm-greedy", "greedy output norm (Lajić et al.)", needs_data=True, scores=_greedy),
-    Metric("kl", "KL divergence of the outputs (Luo & Wu 2020)", needs_data=True, scores=_kl),
+    Metric("kl", "KL divergence of the outputs (Luo & Wu 2020)", needs_data=True, scores=_kl_metric),
 )}
 METRICS = tuple(REGISTRY)
+
+
+def check_kl_direction(direction: str) -> None:
+    if direction not in KL_DIRECTIONS:
+        raise UserError(f"--kl-direction must be {' or '.join(KL_DIRECTIONS)}")
 
 
 class ScoreTable(tp.importance.Importance):
@@ -111,29 +139,36 @@ def accumulate_gradients(model: nn.Module, calib: ImageSet, spec: InputSpec, bat
 
 
 @torch.no_grad()
-def _logprobs(model: nn.Module, batches: Batches) -> list[torch.Tensor]:
+def log_probs(model: nn.Module, batches: Batches) -> list[torch.Tensor]:
+    """The parent's log-probabilities on every calibration batch, computed once."""
     return [F.log_softmax(model(x).float(), dim=1) for x, _ in batches]
 
 
 @torch.no_grad()
-def _kl(model: nn.Module, batches: Batches, base: list[torch.Tensor]) -> float:
+def kl_divergence(model: nn.Module, batches: Batches, base: list[torch.Tensor], direction: str = KL_DEFAULT) -> float:
+    """Mean KL per image between the model as it is now (q: a unit or block removed) and the parent (p)."""
     total, n = 0.0, 0
     for (x, _), lp in zip(batches, base):
         lq = F.log_softmax(model(x).float(), dim=1)
-        total += float(F.kl_div(lq, lp, log_target=True, reduction="sum"))
+        if direction == "child-parent":  # sum q (log q - log p), as Luo & Wu's and do Nascimento et al.'s code
+            total += float(F.kl_div(lp, lq, log_target=True, reduction="sum"))
+        else:  # sum p (log p - log q)
+            total += float(F.kl_div(lq, lp, log_target=True, reduction="sum"))
         n += x.shape[0]
     return total / max(n, 1)
 
 
 def kl_scores(model: nn.Module, infos: list[GroupInfo], calib: ImageSet, spec: InputSpec, batch_size: int,
-              device, reporter: Reporter = QUIET) -> dict[tuple[int, str], torch.Tensor]:
-    """KL(parent || parent without the unit) on the calibration set, per unit (Luo & Wu 2020).
+              device, reporter: Reporter = QUIET, direction: str = KL_DEFAULT) -> dict[tuple[int, str], torch.Tensor]:
+    """KL between the parent without the unit and the parent, on the calibration set, per unit (Luo & Wu 2020);
+    `direction` child-parent (the papers' code, default) or parent-child.
 
     Computed from logits (log-softmax once); do Nascimento et al.'s release applies softmax twice, we do not.
     """
+    check_kl_direction(direction)
     model.eval()
     batches = _batches(calib, spec, batch_size, device)
-    base = _logprobs(model, batches)
+    base = log_probs(model, batches)
     out = {}
     total = sum(i.n_units for i in infos)
     with reporter.task("kl: scoring structures", total) as advance, Masks() as masks:
@@ -141,7 +176,7 @@ def kl_scores(model: nn.Module, infos: list[GroupInfo], calib: ImageSet, spec: I
             scores = torch.zeros(info.n_units)
             for u in range(info.n_units):
                 masks.set(info, info.unit_dims(u), 0.0)
-                scores[u] = _kl(model, batches, base)
+                scores[u] = kl_divergence(model, batches, base, direction)
                 masks.set(info, info.unit_dims(u), 1.0)
                 advance()
             out[info.key] = scores.repeat_interleave(info.unit_size)

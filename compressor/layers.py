@@ -83,7 +83,8 @@ def _filter_l1(block: nn.Module) -> float:
 
 @torch.no_grad()
 def score_blocks(model: nn.Module, blocks: list[Block], metric: str, calib: ImageSet | None, spec: InputSpec,
-                 batch_size: int = 128, device="cpu", seed: int = 0, reporter: Reporter = QUIET) -> dict[str, float]:
+                 batch_size: int = 128, device="cpu", seed: int = 0, reporter: Reporter = QUIET,
+                 kl_direction: str = imp.KL_DEFAULT) -> dict[str, float]:
     """Lower score = removed first."""
     if metric not in LAYER_METRICS:
         raise UserError(f"layer metric must be one of {', '.join(LAYER_METRICS)}")
@@ -98,11 +99,11 @@ def score_blocks(model: nn.Module, blocks: list[Block], metric: str, calib: Imag
     batches = Batches(calib, spec, batch_size, device=device)
     scores = {}
     if metric == "kl":
-        base = imp._logprobs(model, batches)
+        base = imp.log_probs(model, batches)
         with reporter.task("kl: scoring blocks", len(blocks)) as advance:
             for b in blocks:
                 with without(model, b.path):
-                    scores[b.path] = imp._kl(model, batches, base)
+                    scores[b.path] = imp.kl_divergence(model, batches, base, kl_direction)
                 advance()
         return scores
     ref = penultimate(model, calib, spec, batch_size, device)

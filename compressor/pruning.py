@@ -37,10 +37,12 @@ class WidthConfig:
     seed: int = 0
     greedy_step: int = 1
     calib_batch: int = 128
+    kl_direction: str = imp.KL_DEFAULT
 
     def to_json(self) -> dict:
         return {"metric": self.metric, "sparsity": self.sparsity, "scope": list(self.scope), "ffn_metric": self.ffn_metric,
-                "global": self.global_ranking, "round_to": self.round_to, "seed": self.seed, "greedy_step": self.greedy_step}
+                "global": self.global_ranking, "round_to": self.round_to, "seed": self.seed, "greedy_step": self.greedy_step,
+                "kl_direction": self.kl_direction}
 
 
 @dataclass
@@ -61,6 +63,7 @@ class WidthReport:
 def validate(cfg: WidthConfig) -> None:
     imp.check_metric(cfg.metric)
     imp.check_metric(cfg.ffn_metric)
+    imp.check_kl_direction(cfg.kl_direction)
     if not (0.0 <= cfg.sparsity < 1.0) or math.isnan(cfg.sparsity):
         raise UserError(f"--sparsity must be in [0, 1), got {cfg.sparsity}")
     bad = [s for s in cfg.scope if s not in VIT_SCOPES]
@@ -244,8 +247,8 @@ def _importance(model, pruner, infos, spec, cfg, calib, device, reporter):
         if metric.library is not None or not targets:
             by_kind[kind] = None if metric.library is None else metric.library(cfg.global_ranking)
         else:
-            by_kind[kind] = imp.ScoreTable(metric.scores(model, targets, calib, spec, cfg.calib_batch, device, cfg.greedy_step,
-                                                         reporter))
+            by_kind[kind] = imp.ScoreTable(metric.scores(model, targets, calib, spec, cfg.calib_batch, device, reporter,
+                                                         greedy_step=cfg.greedy_step, kl_direction=cfg.kl_direction))
     return imp.ByKind(kinds={i.key: i.kind for i in infos}, by_kind=by_kind)
 
 

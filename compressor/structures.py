@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-_CONSUMER_FNS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
-_PRODUCER_FNS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
+CONSUMER_FNS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
+PRODUCER_FNS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
 
 
 @dataclass
@@ -75,7 +75,7 @@ def describe(pruner, model: nn.Module, ffn_modules: set[int]) -> list[GroupInfo]
         unit = 1
         if is_attn:
             kind = "head"
-            qkv = [d.target.module for d, _ in group if d.target.module in pruner.num_heads and d.handler in _PRODUCER_FNS]
+            qkv = [d.target.module for d, _ in group if d.target.module in pruner.num_heads and d.handler in PRODUCER_FNS]
             unit = len(group[0].idxs) // pruner.num_heads[qkv[0]]
         else:
             kind = "ffn" if id(root) in ffn_modules else "channel"
@@ -90,12 +90,12 @@ def group_info(group, name: str, kind: str = "channel", unit_size: int = 1) -> G
         mod = dep.target.module
         if not isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
             continue
-        if dep.handler in _CONSUMER_FNS:
+        if dep.handler in CONSUMER_FNS:
             root_idxs = group[i].root_idxs
             keep = [j for j, r in enumerate(root_idxs) if r is not None]
             info.consumers.append(Consumer(mod, torch.tensor([idxs[j] for j in keep]),
                                            torch.tensor([root_idxs[j] for j in keep])))
-        elif dep.handler in _PRODUCER_FNS and mod not in info.producers:
+        elif dep.handler in PRODUCER_FNS and mod not in info.producers:
             info.producers.append(mod)
     return info
 

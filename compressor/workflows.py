@@ -186,17 +186,34 @@ def check_feedable(ds: Dataset, spec: InputSpec, classes: int, what: str) -> Non
 
 
 def dataset_for(name: str | None, data_dir: str | None, train_size, test_size, download: bool,
-                record: ModelRecord | None = None, fake_shape=None, fake_classes: int = 10) -> Dataset | None:
-    """--data if given, else the dataset the model was trained on (if known)."""
+                record: ModelRecord | None = None, fake_shape=None, fake_classes: int = 10,
+                holdout: float | None = None) -> Dataset | None:
+    """--data if given, else the dataset the model was trained on (if known). `holdout` None: the
+    model's recorded held-out share (its held-out images stay out of every descendant's training)."""
     if name is None or name == "none":
         if name is None and record is not None and record.dataset is not None:
             spec = record.dataset  # the model's own data; sizes given now replace the recorded ones
             return load_dataset(DataSpec(spec.name, spec.data_dir, spec.train_size if train_size is None else train_size,
-                                         spec.test_size if test_size is None else test_size),
+                                         spec.test_size if test_size is None else test_size,
+                                         holdout=spec.holdout if holdout is None else holdout),
                                 fake_shape=fake_shape, fake_classes=fake_classes)
         return None
-    return load_dataset(DataSpec(name, data_dir, train_size, test_size, download), fake_shape=fake_shape,
+    return load_dataset(DataSpec(name, data_dir, train_size, test_size, download, holdout or 0.0), fake_shape=fake_shape,
                         fake_classes=fake_classes)
+
+
+def keep_holdout(ds: Dataset | None, record: ModelRecord) -> Dataset | None:
+    """The same data named again with --data: keep the images the model's lineage holds out."""
+    rec = record.dataset
+    if ds is None or rec is None or not rec.holdout or ds.spec.holdout or (ds.spec.name, ds.spec.data_dir) != (rec.name, rec.data_dir):
+        return ds
+    return load_dataset(ds.spec.with_holdout(rec.holdout))
+
+
+def trained_on(record: ModelRecord, spec: DataSpec) -> bool:
+    """Whether the model's lineage trained on this dataset's whole training split (no held-out share)."""
+    return any(e.get("stage") in ("train", "finetune") and (e.get("settings", {}).get("data") or {}).get("name") == spec.name
+               and not (e.get("settings", {}).get("data") or {}).get("holdout") for e in record.lineage)
 
 
 def measure(model: nn.Module, spec: InputSpec, ds: Dataset | None, device) -> dict:
@@ -260,7 +277,7 @@ def width_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, calib_siz
 
 def layer_prune(lm: LoadedModel, ds: Dataset | None, metric: str, num_blocks: int | None, min_per_stage: int,
                 calib_size: int, seed: int, device, reporter: Reporter = QUIET,
-                settings: dict | None = None) -> tuple[nn.Module, ModelRecord, PruneResult]:
+                settings: dict | None = None, kl_direction: str = "child-parent") -> tuple[nn.Module, ModelRecord, PruneResult]:
     """Remove the `num_blocks` lowest-scored removable blocks at once (None = all removable)."""
     spec = lm.record.input
     model = clone(lm.model).to(device).eval()
@@ -271,7 +288,7 @@ def layer_prune(lm: LoadedModel, ds: Dataset | None, metric: str, num_blocks: in
     if num_blocks is not None and num_blocks < 1:
         raise UserError("--num-blocks must be >= 1")
     calib = ds.calibration(calib_size, seed) if ds is not None else None
-    scores = score_blocks(model, blocks, metric, calib, spec, 128, device, seed, reporter)
+    scores = score_blocks(model, blocks, metric, calib, spec, 128, device, seed, reporter, kl_direction)
     n = len(choose_blocks(model, scores, len(blocks), min_per_stage)) if num_blocks is None else num_blocks
     chosen = choose_blocks(model, scores, n, min_per_stage)
     if len(chosen) < n:
@@ -283,7 +300,8 @@ def layer_prune(lm: LoadedModel, ds: Dataset | None, metric: str, num_blocks: in
     rec.metrics = after
     res = PruneResult(before, after, removed_blocks=chosen, scores=scores)
     rec.lineage.append(run_info("prune", {**(settings or {}), "structure": "layers", "metric": metric,
-                                          "num_blocks": n, "min_blocks_per_stage": min_per_stage, "removed": chosen},
+                                          "num_blocks": n, "min_blocks_per_stage": min_per_stage, "removed": chosen,
+                                          "kl_direction": kl_direction},
                                 None if lm.path is None else str(lm.path), {"before": before, "after": after}, seed))
     return model, rec, res
 

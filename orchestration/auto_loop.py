@@ -25,6 +25,7 @@ from compressor.evaluate import evaluate
 from compressor.finetune import TrainConfig, train
 from compressor.layers import choose_blocks, conv_channels, find_blocks, removable, score_blocks
 from compressor.modeldir import LoadedModel, remove_blocks, run_info, save_model_dir
+from compressor.workflows import trained_on
 from compressor.models import clone
 from compressor.progress import QUIET, Reporter
 from compressor.similarity import linear_cka, penultimate
@@ -49,6 +50,8 @@ class AutoConfig:
     holdout: float = 0.1
     calib_size: int = 500
     seed: int = 0
+    kl_direction: str = imp.KL_DEFAULT
+    filter_allocation: str = "authors"  # "authors": p = count / all conv filters; "eligible": / the first convs' filters
 
     def validate(self) -> None:
         if self.iterations < 1:
@@ -65,6 +68,9 @@ class AutoConfig:
             raise UserError("--holdout must be in (0, 0.5)")
         if self.min_blocks_per_stage < 1:
             raise UserError("--min-blocks-per-stage must be >= 1")
+        imp.check_kl_direction(self.kl_direction)
+        if self.filter_allocation not in ALLOCATIONS:
+            raise UserError(f"--filter-allocation must be {' or '.join(ALLOCATIONS)}")
         if self.candidate_epochs < 0 or self.epochs_per_iteration < 0:
             raise UserError("epoch counts must be >= 0")
 
@@ -89,10 +95,15 @@ def _first_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     return out
 
 
-def allocate(widths: list[int], count: int, rng: random.Random) -> list[int]:
-    """Filters to take from each conv: a proportional share, then one at a time from random convs;
-    every conv keeps at least one filter."""
-    total = sum(widths)
+ALLOCATIONS = ("authors", "eligible")
+
+
+def allocate(widths: list[int], count: int, rng: random.Random, total: int | None = None) -> list[int]:
+    """Filters to take from each conv: floor(count * width / total), then one at a time from random convs;
+    every conv keeps at least one filter. `total`: the authors' release divides by every conv filter of the
+    network, so most of the budget is placed at random; None divides by these convs' widths (ours: almost all
+    of it proportional)."""
+    total = total or sum(widths)
     share = [min(count * w // total, w - 1) for w in widths]
     left = count - sum(share)
     while left > 0:
@@ -105,7 +116,8 @@ def allocate(widths: list[int], count: int, rng: random.Random) -> list[int]:
 
 
 def filter_candidate(parent: nn.Module, spec: InputSpec, count: int, metric: str, calib: ImageSet, seed: int,
-                     device, reporter: Reporter = QUIET) -> tuple[nn.Module, dict[str, int]] | None:
+                     device, reporter: Reporter = QUIET, kl_direction: str = imp.KL_DEFAULT,
+                     allocation: str = "authors") -> tuple[nn.Module, dict[str, int]] | None:
     """A copy of `parent` without `count` filters taken from the first conv of every residual block."""
     model = clone(parent).eval()
     convs = _first_convs(model)
@@ -118,11 +130,12 @@ def filter_candidate(parent: nn.Module, spec: InputSpec, count: int, metric: str
     if metric == "kl":
         for i in infos:
             i.n_remove = 1
-        table = imp.kl_scores(model, infos, calib, spec, 128, device, reporter)
+        table = imp.kl_scores(model, infos, calib, spec, 128, device, reporter, kl_direction)
         scores = [table[i.key] for i in infos]
     else:
         scores = [c.weight.detach().abs().flatten(1).sum(1).cpu() for _, c in convs]
-    share = allocate([c.out_channels for _, c in convs], count, random.Random(seed))
+    every = sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)) if allocation == "authors" else None
+    share = allocate([c.out_channels for _, c in convs], count, random.Random(seed), every)
     removed = {}
     for (name, conv), s, k in zip(convs, scores, share):
         if k:
@@ -132,13 +145,33 @@ def filter_candidate(parent: nn.Module, spec: InputSpec, count: int, metric: str
     return model, removed
 
 
+def _held_out(loaded: LoadedModel, ds: Dataset, cfg: AutoConfig, reporter: Reporter) -> dict:
+    """The images CKA and the accuracy floor are measured on. Unseen by the parent only when its data
+    spec held them out from training (compress finetune --holdout); otherwise cut now from a training
+    split the parent may have trained on: said loudly, recorded, and refused for --min-accuracy."""
+    if ds.held is not None:
+        return {"sets": (ds.train, ds.held), "source": f"the data's recorded held-out share ({ds.spec.holdout})",
+                "images": len(ds.held), "unseen_by_parent": True}
+    seen = trained_on(loaded.record, ds.spec)
+    if seen and cfg.min_accuracy is not None:
+        raise UserError(f"the parent trained on all of {ds.spec.name}'s training split, so a held-out accuracy floor would "
+                        "measure training accuracy; retrain it with compress finetune --holdout 0.1, or drop --min-accuracy")
+    if seen:
+        reporter.log(f"warning: the parent trained on all of {ds.spec.name}'s training split: the held-out images CKA "
+                     "compares on are not unseen (retrain the parent with compress finetune --holdout 0.1)")
+    train_set, held = ds.holdout(cfg.holdout, cfg.seed)
+    return {"sets": (train_set, held), "source": f"--holdout {cfg.holdout} of the training split", "images": len(held),
+            "unseen_by_parent": None if not seen else False}
+
+
 def run(loaded: LoadedModel, ds: Dataset, cfg: AutoConfig, train_cfg: TrainConfig, out_dir: Path, *,
         device="cpu", reporter: Reporter = QUIET, settings: dict | None = None) -> dict:
     """Run the loop, saving every iteration under out_dir/iterations; returns the log."""
     cfg.validate()
     spec = loaded.record.input
     shape = (spec.channels, spec.height, spec.width)
-    train_set, held = ds.holdout(cfg.holdout, cfg.seed)
+    held_out = _held_out(loaded, ds, cfg, reporter)
+    train_set, held = held_out.pop("sets")
     calib = train_set.subset(balanced_subset(train_set.labels, cfg.calib_size, cfg.seed))
     parent = clone(loaded.model).to(device).eval()
     record = loaded.record
@@ -148,6 +181,7 @@ def run(loaded: LoadedModel, ds: Dataset, cfg: AutoConfig, train_cfg: TrainConfi
     base_test = evaluate(parent, ds.test, spec, 256, device)
     log = {"settings": {**asdict(cfg), "train": train_cfg.to_json()}, "parent": str(loaded.path) if loaded.path else None,
            "root": {**root, "holdout_top1": base_held["top1"], "test_top1": base_test["top1"], "test_top5": base_test["top5"]},
+           "holdout": held_out,
            "iterations": [], "stopped": None}
     decisions: list[str] = []
     best_dir = None
@@ -158,7 +192,7 @@ def run(loaded: LoadedModel, ds: Dataset, cfg: AutoConfig, train_cfg: TrainConfi
         if not blocks:
             log["stopped"] = "nothing left to remove"
             break
-        scores = score_blocks(parent, blocks, cfg.metric, calib, spec, 128, device, cfg.seed + k, reporter)
+        scores = score_blocks(parent, blocks, cfg.metric, calib, spec, 128, device, cfg.seed + k, reporter, cfg.kl_direction)
         block = choose_blocks(parent, scores, 1, cfg.min_blocks_per_stage)[0]
         budget = conv_channels(parent.get_submodule(block))
         cands: dict[str, nn.Module] = {}
@@ -168,7 +202,8 @@ def run(loaded: LoadedModel, ds: Dataset, cfg: AutoConfig, train_cfg: TrainConfi
             remove_blocks(lc, [block])
             cands["L"] = lc
         if cfg.only != "layers":
-            fc = filter_candidate(parent, spec, budget, cfg.metric, calib, cfg.seed + k, device, reporter)
+            fc = filter_candidate(parent, spec, budget, cfg.metric, calib, cfg.seed + k, device, reporter, cfg.kl_direction,
+                                  cfg.filter_allocation)
             if fc is not None:
                 cands["F"], filt_removed = fc
         if not cands:
@@ -239,11 +274,18 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
+def _held_note(h: dict) -> str:
+    where = f"Held-out images: {h.get('images', '?')}, {h.get('source', '?')}"
+    if h.get("unseen_by_parent") is False:
+        return where + ": **the parent trained on them**, so held-out accuracy here is training accuracy."
+    return where + ("; the parent never trained on them." if h.get("unseen_by_parent") else ".")
+
+
 def render_log(log: dict) -> str:
     r = log["root"]
     lines = [f"# Layer/filter pruning by CKA — path {log['path'] or '(none)'}", "",
              f"Parent: {r['params']:,} params, {r['macs']:,} MACs, held-out top-1 {r['holdout_top1']:.2f}, "
-             f"test top-1 {r['test_top1']:.2f}. Stopped: {log['stopped']}.", "",
+             f"test top-1 {r['test_top1']:.2f}. Stopped: {log['stopped']}.", "", _held_note(log.get("holdout") or {}), "",
              "| iter | choice | CKA layer | CKA filter | params | MACs | FLOPs red. | held-out top-1 | test top-1 | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in log["iterations"]:

@@ -81,6 +81,20 @@ def test_allocate_matches_count_and_keeps_one_filter():
     assert allocate([8, 16], 12, random.Random(0)) == [4, 8]  # an exact proportional split needs no random fill
 
 
+def test_authors_allocation_divides_by_every_conv_filter():
+    """ResNet-32's first block convs (16x5, 32x5, 64x5 = 560 filters) losing 128: ours gives floor(128 w / 560)
+    = 3/7/14 each (120) and 8 at random; the release divides by all 1,232 conv filters of the network
+    (stem, both convs of every block, projections): 1/3/6 each (50) and 78 at random."""
+    widths = [16] * 5 + [32] * 5 + [64] * 5
+    ours = allocate(widths, 128, random.Random(0))
+    authors = allocate(widths, 128, random.Random(0), total=1232)
+    assert sum(ours) == sum(authors) == 128
+    assert all(s >= f for s, f in zip(ours, [3] * 5 + [7] * 5 + [14] * 5))
+    assert sum(min(s, f) for s, f in zip(authors, [1] * 5 + [3] * 5 + [6] * 5)) == 50  # the proportional floor
+    model = build(ArchSpec("compress", "resnet32"), 10)
+    assert sum(m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)) == 1232
+
+
 def test_decision_path_notation():
     assert decision_path(["L", "F", "F", "L", "L", "L"]) == "L, F², L³"
     assert decision_path([]) == ""
@@ -119,6 +133,8 @@ def test_auto_loop_end_to_end(cli, cnn_parent, tmp_path):
         assert row["cka_layer"] is not None and row["cka_filter"] is not None
     assert {row["decision"] for row in log["iterations"]} == {"L", "F"}, log["path"]
     _check_iteration(cli, out / log["iterations"][-1]["dir"], tmp_path)
+    assert log["holdout"]["unseen_by_parent"] is False  # the parent trained on all of digits' training split
+    assert "the parent trained on them" in (out / "auto_log.md").read_text()
     assert (out / "auto_log.md").read_text().startswith("# Layer/filter pruning by CKA")
     load_model_dir(out)  # the run's directory is itself the final model
 
@@ -126,3 +142,25 @@ def test_auto_loop_end_to_end(cli, cnn_parent, tmp_path):
 def test_auto_needs_residual_stages(cli, vit_parent, tmp_path):
     _, _, err = cli("prune", "auto", "--model", vit_parent, "--out", tmp_path / "x", expect=2)
     assert "residual" in err
+
+
+def test_held_out_images_stay_out_of_every_descendant(cli, tmp_path):
+    """A parent trained with --holdout never sees those images; its pruned, fine-tuned children inherit the
+    split, and prune auto measures on exactly those images (and says they are unseen)."""
+    from compressor.data import DataSpec, load_dataset
+
+    parent = tmp_path / "parent"
+    cli("finetune", "--model", "resnet20", "--model-arg", "width=4", "--input-size", "16", "--data", "digits", "--holdout", "0.1",
+        "--epochs", "1", "--out", parent, "-q")
+    rec = load_model_dir(parent).record
+    assert rec.dataset.holdout == 0.1 and rec.lineage[-1]["settings"]["data"]["holdout"] == 0.1
+    cli("prune", "--model", parent, "--data", "digits", "--sparsity", "0.5", "--calib-size", "32", "--out", tmp_path / "p", "-q")
+    cli("finetune", tmp_path / "p", "--data", "digits", "--epochs", "1", "--out", tmp_path / "ft", "-q")
+    assert load_model_dir(tmp_path / "ft").record.lineage[-1]["settings"]["data"]["holdout"] == 0.1
+    full, split = load_dataset(DataSpec("digits")), load_dataset(DataSpec("digits", holdout=0.1))
+    assert len(split.train) + len(split.held) == len(full.train) and abs(len(split.held) - 0.1 * len(full.train)) <= 10  # per class
+    out = tmp_path / "auto"
+    cli("prune", "auto", "--model", parent, "--iterations", "1", "--candidate-epochs", "0", "--epochs-per-iteration", "0",
+        "--calib-size", "32", "--min-accuracy", "1", "--out", out, "-q")
+    h = json.loads((out / "auto_log.json").read_text())["holdout"]
+    assert h["unseen_by_parent"] is True and h["images"] == len(split.held)

@@ -11,6 +11,7 @@ import torch_pruning as tp
 from compressor.data import DataSpec, InputSpec, load_dataset
 from compressor.importance import METRICS, kl_scores
 from compressor.modeldir import load_model_dir
+from compressor.models import ArchSpec, build
 from compressor.pruning import WidthConfig, planned_groups, prune_width
 from exporters.model_export import check_inputs
 
@@ -160,3 +161,19 @@ def test_vit_b16_parameter_deltas_match_seed_000(metric):
         prune_width(m, spec, WidthConfig(metric=metric, sparsity=s))
         assert before - sum(p.numel() for p in m.parameters()) == removed
         assert m(torch.zeros(1, 3, 224, 224)).shape == (1, 100)
+
+
+def test_l1_filter_is_the_filter_norm_alone():
+    """Li et al.'s L1 (Lajić et al.'s baseline) scores a channel by its own filter; `l1` also counts the next
+    layer's input slice, so the two rank differently."""
+    from compressor.importance import filter_norm_scores
+
+    model = build(ArchSpec("compress", "resnet20", {"width": 8}), 10).eval()
+    spec = InputSpec(3, 16, 16, (0.5,) * 3, (0.25,) * 3)
+    _, infos = planned_groups(model, spec, WidthConfig(metric="l1-filter"))
+    info = next(i for i in infos if i.name == "layer1.0.conv1")
+    scores = filter_norm_scores(model, [info], None, spec, 1, "cpu", None)[info.key]
+    assert torch.allclose(scores, model.layer1[0].conv1.weight.abs().flatten(1).sum(1))
+    shared = next(i for i in infos if len(i.producers) > 1)  # a residual channel: every producing conv's filter
+    s = filter_norm_scores(model, [shared], None, spec, 1, "cpu", None)[shared.key]
+    assert s.shape == (shared.n_dims,) and torch.all(s > 0)

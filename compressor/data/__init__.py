@@ -21,6 +21,7 @@ class DataSpec:
     train_size: int | None = None  # class-balanced subsets, for CPU-scale runs
     test_size: int | None = None
     download: bool = False
+    holdout: float = 0.0  # share of the training split never trained on (class-balanced, fixed split)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -29,7 +30,11 @@ class DataSpec:
 
     @classmethod
     def from_json(cls, d: dict) -> "DataSpec":
-        return cls(name=d["name"], data_dir=d.get("data_dir"), train_size=d.get("train_size"), test_size=d.get("test_size"))
+        return cls(name=d["name"], data_dir=d.get("data_dir"), train_size=d.get("train_size"), test_size=d.get("test_size"),
+                   holdout=float(d.get("holdout") or 0.0))
+
+    def with_holdout(self, holdout: float) -> "DataSpec":
+        return DataSpec(self.name, self.data_dir, self.train_size, self.test_size, self.download, holdout)
 
 
 @dataclass
@@ -37,6 +42,7 @@ class Dataset(RawDataset):
     """A loaded dataset after the spec's seeded subsetting; `spec` says how to load it again."""
 
     spec: DataSpec
+    held: ImageSet | None = None  # spec.holdout of the training images, excluded from `train`
 
     @property
     def num_classes(self) -> int:
@@ -59,7 +65,8 @@ class Dataset(RawDataset):
         return self.train.subset(balanced_subset(self.train.labels, n, seed))
 
     def holdout(self, frac: float, seed: int) -> tuple[ImageSet, ImageSet]:
-        """(train minus held-out, held-out): model selection never looks at the test split."""
+        """(train minus held-out, held-out) cut now from the training split: unseen by a model only if it
+        was not trained on this split (else use a spec with `holdout`, whose images no model trains on)."""
         rest, held = stratified_split(self.train.labels, frac, seed)
         return self.train.subset(rest), self.train.subset(held)
 
@@ -87,6 +94,14 @@ def load_dataset(spec: DataSpec, *, fake_shape: tuple[int, int, int] | None = No
     else:
         raw = _raw(spec.name, spec.data_dir, spec.download)
     train, test = raw.train, raw.test
+    held = None
+    if spec.holdout:
+        # Cut from the whole training split with a fixed seed, before any --train-size subset: every run and
+        # every subset size holds out the same images, so no descendant of a model trains on them.
+        if not (0 < spec.holdout < 0.5):
+            raise UserError(f"--holdout must be in (0, 0.5), got {spec.holdout}")
+        rest, held_idx = stratified_split(train.labels, spec.holdout, 0)
+        train, held = train.subset(rest), train.subset(held_idx)
     if spec.train_size is not None:
         if spec.train_size < 1:
             raise UserError("--train-size must be at least 1")
@@ -99,4 +114,4 @@ def load_dataset(spec: DataSpec, *, fake_shape: tuple[int, int, int] | None = No
         raise UserError(f"dataset {spec.name} is empty")
     if len(raw.classes) < 2 or len(set(train.labels.tolist())) < 2:
         raise UserError(f"dataset {spec.name} has fewer than 2 classes in its training split: nothing to classify")
-    return Dataset(raw.name, list(raw.classes), train, test, raw.channels, raw.mean, raw.std, spec=spec)
+    return Dataset(raw.name, list(raw.classes), train, test, raw.channels, raw.mean, raw.std, spec=spec, held=held)
