@@ -11,7 +11,7 @@ from compressor import atomic
 from compressor.data import DataSpec, load_dataset
 from compressor.finetune import TrainConfig, default_augment
 from compressor.modeldir import load_model_dir, save_model_dir
-from compressor.pruning import WidthConfig
+from compressor.pruning import WidthConfig, validate
 from compressor.workflows import Source, finetune, get_model, pick_device, width_prune
 from exporters.model_export import export_onnx
 from profilers import report
@@ -42,6 +42,10 @@ def demo(
     ds = load_dataset(DataSpec("digits"))
     base_cfg = TrainConfig(epochs=epochs, lr=lr, weight_decay=1e-4, batch_size=64, augment=default_augment("digits"), seed=seed)
     ft_cfg = TrainConfig(epochs=finetune_epochs, lr=lr, weight_decay=1e-4, batch_size=64, augment=default_augment("digits"), seed=seed)
+    wcfg = WidthConfig(metric=metric, sparsity=sparsity, seed=seed)
+    for cfg in (base_cfg, ft_cfg):  # every argument is checked before the first epoch, not after it
+        cfg.validate()
+    validate(wcfg)
     with atomic.staged_dir(out) as tmp:
         rep.log(f"1/5 training {model} on digits ({len(ds.train)} train / {len(ds.test)} test images, {epochs} epochs)")
         fresh = get_model(Source(model, seed=seed), ds)
@@ -49,7 +53,7 @@ def demo(
         save_model_dir(tmp / "baseline", m, rec)
         baseline = load_model_dir(tmp / "baseline")
         rep.log(f"2/5 pruning {100 * sparsity:.0f}% of every conv's channels by {metric}")
-        pm, prec, summary = width_prune(baseline, ds, WidthConfig(metric=metric, sparsity=sparsity, seed=seed), 512, dev, rep)
+        pm, prec, summary = width_prune(baseline, ds, wcfg, 512, dev, rep)
         save_model_dir(tmp / "pruned", pm, prec)
         pruned = load_model_dir(tmp / "pruned")
         rep.log(f"3/5 fine-tuning the pruned model ({finetune_epochs} epochs)")

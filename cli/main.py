@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 a CI gate failed or an internal error; 2 bad input (not
 from __future__ import annotations
 
 import errno
+import re
 import shlex
 import signal
 import sys
@@ -44,8 +45,13 @@ def _register() -> None:
 _register()
 
 
+def as_flags(msg: str) -> str:
+    """The library names fields (`min_width_fraction`); the command line user knows them as --min-width-fraction."""
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: "--" + m.group(1).replace("_", "-"), msg)
+
+
 def _err(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
+    print(f"error: {as_flags(msg)}", file=sys.stderr)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -68,7 +74,7 @@ def run(argv: list[str] | None = None) -> int:
         _err(str(e).replace("\n", " "))
         return 2
     except GateFailed as e:
-        print(f"gate failed: {e}", file=sys.stderr)
+        print(f"gate failed: {as_flags(str(e))}", file=sys.stderr)
         return 1
     except OSError as e:  # the file system said no: one line naming the file and why
         if debug:

@@ -138,7 +138,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool, kind: str = "dir
         if len(os.fsencode(part)) > 255:
             raise UserError(f"output name {part[:40]}... is longer than the file system allows (255 bytes)")
     if path.exists() and not overwrite:
-        raise UserError(f"output {path} already exists (pass --overwrite to replace it)")
+        raise UserError(f"output {path} already exists (pass `overwrite` to replace it)")
     if kind == "file" and path.is_dir():
         raise UserError(f"output {path} is a directory; give a file name")
     if kind == "dir" and path.exists() and not path.is_dir():

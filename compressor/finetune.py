@@ -58,26 +58,26 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.epochs < 0:
-            raise UserError("--epochs must be >= 0")
+            raise UserError("`epochs` must be >= 0")
         if self.batch_size < 1:
-            raise UserError("--batch-size must be >= 1")
+            raise UserError("`batch_size` must be >= 1")
         if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+            raise UserError(f"`optimizer` must be one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
-            raise UserError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}")
+            raise UserError(f"`lr_schedule` must be one of {', '.join(SCHEDULES)}")
         if not (self.lr > 0) or math.isinf(self.lr):
-            raise UserError("--lr must be a positive number")
+            raise UserError("`lr` must be a positive number")
         if self.decay_on not in ("all", "conv"):
-            raise UserError("--decay-on must be all or conv")
+            raise UserError("`decay_on` must be all or conv")
         if self.weight_decay < 0 or self.bn_l1 < 0:
-            raise UserError("--weight-decay and --bn-l1 must be >= 0")
+            raise UserError("`weight_decay` and `bn_l1` must be >= 0")
         bad = [a for a in self.augment if a not in AUGMENTATIONS]
         if bad:
             raise UserError(f"unknown augmentation {bad[0]} (choose from {', '.join(AUGMENTATIONS)}, or none)")
         if self.loader not in ("tensor", "dataloader"):
-            raise UserError("--loader must be tensor or dataloader")
+            raise UserError("`loader` must be tensor or dataloader")
         if not (0 <= self.distill_weight <= 1) or self.distill_temperature <= 0:
-            raise UserError("--distill-weight must be in [0, 1] and --distill-temperature > 0")
+            raise UserError("`distill_weight` must be in [0, 1] and `distill_temperature` > 0")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -169,7 +169,7 @@ def train(model: nn.Module, train_set: ImageSet, test_set: ImageSet | None, spec
     if resume and ckpt_path is not None and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
         if ck.get("fingerprint") != cfg.fingerprint():
-            raise UserError(f"{ckpt_path} was written with different settings; resume with the same flags or use --overwrite")
+            raise UserError(f"{ckpt_path} was written with different settings; resume with the same flags or use `overwrite`")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -210,7 +210,7 @@ def train(model: nn.Module, train_set: ImageSet, test_set: ImageSet | None, spec
                     opt.step()
                     loss_value = loss.item()
                     if not math.isfinite(loss_value):
-                        raise UserError(f"training diverged at epoch {epoch + 1} (loss {loss_value}); lower --lr")
+                        raise UserError(f"training diverged at epoch {epoch + 1} (loss {loss_value}); lower `lr`")
                     seen += y.numel()
                     loss_sum += loss_value * y.numel()
                     correct += int((out.argmax(1) == y).sum())
@@ -230,7 +230,7 @@ def train(model: nn.Module, train_set: ImageSet, test_set: ImageSet | None, spec
             bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
             if bad or not math.isfinite(row.get("test_loss", 0.0)):
                 what = f"non-finite weights in {bad[0]}" if bad else f"test loss {row['test_loss']}"
-                raise UserError(f"training diverged at epoch {epoch + 1} ({what}); lower --lr; nothing written")
+                raise UserError(f"training diverged at epoch {epoch + 1} ({what}); lower `lr`; nothing written")
             result.history.append(row)
             if ckpt_path is not None:
                 _save_checkpoint(ckpt_path, epoch + 1, model, opt, sched, result.history, cfg.fingerprint())

@@ -94,7 +94,7 @@ METRICS = tuple(REGISTRY)
 
 def check_kl_direction(direction: str) -> None:
     if direction not in KL_DIRECTIONS:
-        raise UserError(f"--kl-direction must be {' or '.join(KL_DIRECTIONS)}")
+        raise UserError(f"`kl_direction` must be {' or '.join(KL_DIRECTIONS)}")
 
 
 class ScoreTable(tp.importance.Importance):

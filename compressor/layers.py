@@ -94,7 +94,7 @@ def score_blocks(model: nn.Module, blocks: list[Block], metric: str, calib: Imag
     if metric == "l1":
         return {b.path: _filter_l1(model.get_submodule(b.path)) for b in blocks}
     if calib is None:
-        raise UserError(f"layer metric {metric} needs calibration data (pass --data)")
+        raise UserError(f"layer metric {metric} needs calibration data (pass `data`)")
     model.eval()
     batches = Batches(calib, spec, batch_size, device=device)
     scores = {}

@@ -294,7 +294,7 @@ def read_record(path: str | os.PathLike) -> ModelRecord:
         raise UserError(f"{path} is not a directory")
     if not spec.is_file():
         if (path / CHECKPOINT_DIR).is_dir():
-            raise UserError(f"{path} is an unfinished fine-tuning run (no model.json yet); continue it with --resume")
+            raise UserError(f"{path} is an unfinished fine-tuning run (no model.json yet); continue it with `resume`")
         raise UserError(f"{path} is not a model directory (no model.json)")
     try:
         d = json.loads(spec.read_text())

@@ -65,16 +65,16 @@ def validate(cfg: WidthConfig) -> None:
     imp.check_metric(cfg.ffn_metric)
     imp.check_kl_direction(cfg.kl_direction)
     if not (0.0 <= cfg.sparsity < 1.0) or math.isnan(cfg.sparsity):
-        raise UserError(f"--sparsity must be in [0, 1), got {cfg.sparsity}")
+        raise UserError(f"`sparsity` must be in [0, 1), got {cfg.sparsity}")
     bad = [s for s in cfg.scope if s not in VIT_SCOPES]
     if bad or not cfg.scope:
-        raise UserError(f"--scope takes a comma list of {', '.join(VIT_SCOPES)} (got {','.join(cfg.scope) or 'nothing'})")
+        raise UserError(f"`scope` takes a comma list of {', '.join(VIT_SCOPES)} (got {','.join(cfg.scope) or 'nothing'})")
     if cfg.round_to is not None and cfg.round_to < 1:
-        raise UserError("--round-to must be a positive integer")
+        raise UserError("`round_to` must be a positive integer")
     if cfg.greedy_step < 1:
-        raise UserError("--greedy-step must be at least 1")
+        raise UserError("`greedy_step` must be at least 1")
     if cfg.global_ranking and "output-norm-greedy" in (cfg.metric, cfg.ffn_metric):
-        raise UserError("output-norm-greedy removes a per-layer quota one unit at a time; it does not support --global")
+        raise UserError("output-norm-greedy removes a per-layer quota one unit at a time; it does not support `global`")
 
 
 def _widths(model: nn.Module) -> dict[str, int]:
@@ -225,7 +225,7 @@ def _plan(infos: list[GroupInfo], model: nn.Module, cfg: WidthConfig) -> int:
             hint = f" with --round-to {cfg.round_to}" if cfg.round_to else ""
             raise UserError(
                 f"sparsity {cfg.sparsity}{hint} would remove every one of the {info.n_units} {what} of {info.name}; "
-                "lower --sparsity"
+                "lower `sparsity`"
             )
     return in_scope
 
@@ -235,7 +235,7 @@ def _importance(model, pruner, infos, spec, cfg, calib, device, reporter):
     used = {imp.REGISTRY[metric_of[i.kind]] for i in infos if i.n_remove}
     needs_data = sorted(m.name for m in used if m.needs_data)
     if needs_data and calib is None:
-        raise UserError(f"metric {', '.join(needs_data)} needs calibration data (pass --data)")
+        raise UserError(f"metric {', '.join(needs_data)} needs calibration data (pass `data`)")
     if any(m.needs_batchnorm for m in used) and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise UserError("bn-scale ranks structures by the BatchNorm after them; this model has no BatchNorm")
     if any(m.gradients for m in used):
@@ -429,7 +429,7 @@ def prune_width(model: nn.Module, spec: InputSpec, cfg: WidthConfig, calib: Imag
     after = _widths(model)
     empty = [n for n, w in after.items() if w == 0]
     if empty:
-        raise UserError(f"pruning left {empty[0]} with no channels; lower --sparsity")
+        raise UserError(f"pruning left {empty[0]} with no channels; lower `sparsity`")
     if cfg.sparsity > 0 and after == before and not any(v[0] != v[1] for v in heads.values()):
         why = "; ".join(f"{k}: {v}" for k, v in list(left_alone.items())[:2]) or "no group lost a whole unit"
         raise UserError(f"nothing was pruned at sparsity {cfg.sparsity} ({why}); nothing written")
@@ -479,7 +479,7 @@ def planned_groups(model: nn.Module, spec: InputSpec, cfg: WidthConfig):
 def channel_groups(model: nn.Module, spec: InputSpec, cfg: WidthConfig | None = None):
     """(pruner, groups with more than one unit) of a CNN's channels."""
     if is_vit(model):
-        raise UserError("latency-aware pruning handles CNN channels; for a ViT use --sparsity")
+        raise UserError("latency-aware pruning handles CNN channels; for a ViT use `sparsity`")
     model.eval()
     pruner, ffn_ids = _make_pruner(model, spec, cfg or WidthConfig())
     infos = [i for i in describe(pruner, model, ffn_ids) if i.n_units > 1]
@@ -542,7 +542,7 @@ def layer_groups(pruner, infos: list[GroupInfo], model: nn.Module) -> dict[str, 
         if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
             if len(ins.get(n, [])) > 1:
                 raise UserError(f"latency-aware pruning cannot model {n}: its input concatenates several channel "
-                                "groups (DenseNet/Inception-style); use --sparsity")
+                                "groups (DenseNet/Inception-style); use `sparsity`")
             out[n] = ((ins.get(n) or [None])[0], outs.get(n))
     return out
 

@@ -30,9 +30,9 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
+        raise UserError("`device` cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
     if name not in ("cpu", "cuda"):
-        raise UserError("--device must be cpu, cuda or auto")
+        raise UserError("`device` must be cpu, cuda or auto")
     return torch.device(name)
 
 
@@ -54,7 +54,7 @@ def load_state_file(path: Path, trust_pickle: bool) -> dict:
         if blocked is None:
             raise UserError(f"cannot read checkpoint {path}: not a torch checkpoint") from None
         what = blocked.split("GLOBAL", 1)[-1].split(" was not", 1)[0].strip()
-        raise UserError(f"{path} holds Python objects ({what}), not just tensors; refused without --trust-pickle "
+        raise UserError(f"{path} holds Python objects ({what}), not just tensors; refused without `trust_pickle` "
                         "(which executes code from the file)") from None
     except Exception as e:  # a corrupt file can fail anywhere inside the reader
         first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
@@ -107,7 +107,7 @@ def parse_model_args(items: list[str]) -> dict:
     for it in items or []:
         k, sep, v = it.partition("=")
         if not sep or not k:
-            raise UserError(f"--model-arg expects key=value, got {it!r}")
+            raise UserError(f"`model_arg` expects key=value, got {it!r}")
         try:
             out[k] = json.loads(v)
         except json.JSONDecodeError:
@@ -120,7 +120,7 @@ def get_model(src: Source, ds: Dataset | None) -> LoadedModel:
     p = Path(src.model)
     if p.exists():
         if src.checkpoint or src.pretrained or src.model_args or src.input_size:
-            raise UserError("--checkpoint/--pretrained/--model-arg/--input-size apply to a model name, not a model directory")
+            raise UserError("`checkpoint`/`pretrained`/`model_arg`/`input_size` apply to a model name, not a model directory")
         lm = load_model_dir(p)
         if ds is not None:
             check_feedable(ds, lm.record.input, lm.record.num_classes, str(p))
@@ -131,14 +131,14 @@ def get_model(src: Source, ds: Dataset | None) -> LoadedModel:
     kwargs = dict(src.model_args or {})
     if src.input_size is not None:
         if src.input_size < 8:
-            raise UserError("--input-size must be at least 8")
+            raise UserError("`input_size` must be at least 8")
         if source == "timm" or (source == "compress" and name == "vit_cifar"):
             kwargs["img_size"] = src.input_size  # dropped below for the models that take any size
     classes = src.num_classes or (ds.num_classes if ds is not None else (10 if source == "compress" else 1000))
     if ds is not None and classes != ds.num_classes:
-        raise UserError(f"--num-classes {classes} but dataset {ds.spec.name} has {ds.num_classes} classes")
+        raise UserError(f"`num_classes` {classes} but dataset {ds.spec.name} has {ds.num_classes} classes")
     if name == "vgg16_bn_cifar" and src.input_size is not None and src.input_size % 32:
-        raise UserError("vgg16_bn_cifar has five 2x2 poolings: --input-size must be a multiple of 32")
+        raise UserError("vgg16_bn_cifar has five 2x2 poolings: `input_size` must be a multiple of 32")
     arch = ArchSpec(source, name, kwargs)
     torch.manual_seed(src.seed)
     try:
@@ -286,7 +286,7 @@ def layer_prune(lm: LoadedModel, ds: Dataset | None, metric: str, num_blocks: in
     if not blocks:
         raise UserError(f"no block can be removed while keeping {min_per_stage} per stage")
     if num_blocks is not None and num_blocks < 1:
-        raise UserError("--num-blocks must be >= 1")
+        raise UserError("`num_blocks` must be >= 1")
     calib = ds.calibration(calib_size, seed) if ds is not None else None
     scores = score_blocks(model, blocks, metric, calib, spec, 128, device, seed, reporter, kl_direction)
     n = len(choose_blocks(model, scores, len(blocks), min_per_stage)) if num_blocks is None else num_blocks

@@ -82,7 +82,7 @@ def build(lm: LoadedModel, target: str, out: Path, precision: str = "fp32", samp
           profile: Callable[[Path], dict] | None = None) -> dict:
     """`profile(onnx_path)` (from the command, which owns measurement) records the build machine's latency."""
     if target not in TARGETS:
-        raise UserError(f"--target must be one of {', '.join(TARGETS)}")
+        raise UserError(f"`target` must be one of {', '.join(TARGETS)}")
     t = TARGETS[target]
     ds = dataset_for(None, None, None, None, False, lm.record)
     spec = lm.record.input
@@ -178,7 +178,7 @@ def verify(bundle: Path, expect_sha256: str | None = None) -> dict:
     if expect_sha256 is not None:
         want = expect_sha256.strip().lower()
         if len(want) != 64 or any(ch not in "0123456789abcdef" for ch in want):
-            raise UserError("--expect-sha256 takes the 64 hex digits of the archive's SHA-256")
+            raise UserError("`expect_sha256` takes the 64 hex digits of the archive's SHA-256")
         got = atomic.sha256_file(bundle)
         if got != want:
             raise GateFailed(f"{bundle} is not the bundle you expected: its SHA-256 is {got}")

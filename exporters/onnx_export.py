@@ -98,7 +98,7 @@ def export(model: nn.Module, shape: tuple[int, int, int], out: Path, *, inputs: 
            tolerance: float | None = None) -> dict:
     """Write a checked ONNX file to `out` (atomically). `inputs` are real model inputs used to compare."""
     if precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        raise UserError(f"`precision` must be one of {', '.join(PRECISIONS)}")
     proto = _export_fp32(model, shape)
     with torch.no_grad():
         reference = torch.cat([model(torch.from_numpy(inputs[i:i + 64])) for i in range(0, len(inputs), 64)]).numpy()
@@ -111,7 +111,7 @@ def export(model: nn.Module, shape: tuple[int, int, int], out: Path, *, inputs: 
             onnx.save(to_fp16(onnx.load(str(fp32))), str(final))
         elif precision == "int8":
             if calib is None:
-                raise UserError("int8 export needs calibration data (the model's dataset or --data)")
+                raise UserError("int8 export needs calibration data (the model's dataset or `data`)")
             final = Path(tmp) / "int8.onnx"
             to_int8(fp32, final, calib, INPUT_NAME)
         try:

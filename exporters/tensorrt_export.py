@@ -52,7 +52,7 @@ def build_engine(onnx_path: Path, out: Path, *, precision: str, shape: tuple[int
                  version_compatible: bool = False) -> dict:
     trt = require_tensorrt()
     if not (1 <= min_batch <= opt_batch <= max_batch):
-        raise UserError("need 1 <= --min-batch <= --opt-batch <= --max-batch")
+        raise UserError("need 1 <= `min_batch` <= `opt_batch` <= `max_batch`")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     ver = _version(trt)
@@ -118,7 +118,7 @@ def set_batch(engine, context, name: str, shape) -> None:
     if not context.set_input_shape(name, tuple(shape)):
         lo, _, hi = engine.get_tensor_profile_shape(name, 0)
         raise UserError(f"batch {shape[0]} is outside the engine's optimization profile (batch {lo[0]} to {hi[0]}); "
-                        "rebuild it with compress export --min-batch/--max-batch")
+                        "rebuild it with compress export `min_batch`/`max_batch`")
 
 
 def device_memory_bytes(engine) -> int:

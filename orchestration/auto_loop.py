@@ -55,22 +55,22 @@ class AutoConfig:
 
     def validate(self) -> None:
         if self.iterations < 1:
-            raise UserError("--iterations must be >= 1")
+            raise UserError("`iterations` must be >= 1")
         if self.similarity not in ("cka", "random"):
-            raise UserError("--similarity must be cka or random")
+            raise UserError("`similarity` must be cka or random")
         if self.only not in (None, "layers", "filters"):
-            raise UserError("--only must be layers or filters")
+            raise UserError("`only` must be layers or filters")
         if self.metric not in ("kl", "l1"):
-            raise UserError("prune auto ranks blocks and filters with --metric kl or l1")
+            raise UserError("prune auto ranks blocks and filters with `metric` kl or l1")
         if self.target_flops_reduction is not None and not (0 < self.target_flops_reduction < 1):
-            raise UserError("--target-flops-reduction must be in (0, 1)")
+            raise UserError("`target_flops_reduction` must be in (0, 1)")
         if not (0 < self.holdout < 0.5):
-            raise UserError("--holdout must be in (0, 0.5)")
+            raise UserError("`holdout` must be in (0, 0.5)")
         if self.min_blocks_per_stage < 1:
-            raise UserError("--min-blocks-per-stage must be >= 1")
+            raise UserError("`min_blocks_per_stage` must be >= 1")
         imp.check_kl_direction(self.kl_direction)
         if self.filter_allocation not in ALLOCATIONS:
-            raise UserError(f"--filter-allocation must be {' or '.join(ALLOCATIONS)}")
+            raise UserError(f"`filter_allocation` must be {' or '.join(ALLOCATIONS)}")
         if self.candidate_epochs < 0 or self.epochs_per_iteration < 0:
             raise UserError("epoch counts must be >= 0")
 
@@ -155,7 +155,7 @@ def _held_out(loaded: LoadedModel, ds: Dataset, cfg: AutoConfig, reporter: Repor
     seen = trained_on(loaded.record, ds.spec)
     if seen and cfg.min_accuracy is not None:
         raise UserError(f"the parent trained on all of {ds.spec.name}'s training split, so a held-out accuracy floor would "
-                        "measure training accuracy; retrain it with compress finetune --holdout 0.1, or drop --min-accuracy")
+                        "measure training accuracy; retrain it with compress finetune `holdout` 0.1, or drop `min_accuracy`")
     if seen:
         reporter.log(f"warning: the parent trained on all of {ds.spec.name}'s training split: the held-out images CKA "
                      "compares on are not unseen (retrain the parent with compress finetune --holdout 0.1)")

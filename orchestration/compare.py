@@ -57,15 +57,15 @@ class CompareConfig:
 
     def validate(self) -> None:
         if not self.metrics or not self.sparsities:
-            raise UserError("--metrics and --sparsities must not be empty")
+            raise UserError("`metrics` and `sparsities` must not be empty")
         for m in self.metrics:
             for s in self.sparsities:
                 validate(self.width(m, s))
         self.train.validate()
         if self.profile_batch < 1:
-            raise UserError("--profile-batch must be >= 1")
+            raise UserError("`profile_batch` must be >= 1")
         if self.profile_rounds < 3:
-            raise UserError("--profile-rounds must be >= 3")
+            raise UserError("`profile_rounds` must be >= 3")
 
 
 def cell_name(metric: str, sparsity: float) -> str:
@@ -93,7 +93,7 @@ def run(lm: LoadedModel, ds: Dataset, cfg: CompareConfig, out: Path, *, resume: 
     if resume and spec_path.is_file():
         doc = json.loads(spec_path.read_text())
         if doc.get("fingerprint") != cfg.fingerprint():
-            raise UserError(f"{out} was started with different settings; use the same flags to resume, or --overwrite")
+            raise UserError(f"{out} was started with different settings; use the same flags to resume, or `overwrite`")
     else:  # the grid's skeleton appears whole (a kill leaves no grid or a resumable one); it replaces an old grid
         doc = {"fingerprint": cfg.fingerprint(), "settings": cfg.to_json(), "parent": str((out / "parent").resolve()),
                "dataset": ds.spec.to_json(), "cells": []}

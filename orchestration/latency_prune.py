@@ -44,17 +44,17 @@ class LatencyTarget:
 
     def validate(self) -> None:
         if (self.speedup is None) == (self.latency_ms is None):
-            raise UserError("give one of --target-speedup or --target-latency-ms")
+            raise UserError("give one of `target_speedup` or `target_latency_ms`")
         if self.speedup is not None and not (self.speedup > 1.0):
-            raise UserError(f"--target-speedup must be above 1 (got {self.speedup})")
+            raise UserError(f"`target_speedup` must be above 1 (got {self.speedup})")
         if self.latency_ms is not None and not (self.latency_ms > 0):
-            raise UserError(f"--target-latency-ms must be positive (got {self.latency_ms})")
+            raise UserError(f"`target_latency_ms` must be positive (got {self.latency_ms})")
         if self.rounds < 3:
-            raise UserError("--latency-rounds must be at least 3")
+            raise UserError("`latency_rounds` must be at least 3")
         if self.iterations < 1:
-            raise UserError("--latency-iterations must be at least 1")
+            raise UserError("`latency_iterations` must be at least 1")
         if not (0.0 < self.min_fraction <= 1.0):
-            raise UserError("--min-width-fraction must be in (0, 1]")
+            raise UserError("`min_width_fraction` must be in (0, 1]")
 
     def to_json(self) -> dict:
         return {"target_speedup": self.speedup, "target_latency_ms": self.latency_ms, "latency_backend": self.backend,
@@ -82,7 +82,7 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
         goal_ms = parent_ms / target.speedup if target.speedup else target.latency_ms
         if goal_ms >= parent_ms:
             raise UserError(f"the parent already runs in {parent_ms:.4g} ms at batch {target.batch} on "
-                            f"{target.backend} {target.device}; --target-latency-ms {goal_ms:g} asks for nothing")
+                            f"{target.backend} {target.device}; `target_latency_ms` {goal_ms:g} asks for nothing")
         # Closed loop (NetAdapt's empirical step): plan, prune a copy, measure it whole; when the
         # measurement misses the goal, correct the budget by measured/predicted and plan again.
         budget, tries, best = goal_ms, [], None
@@ -120,7 +120,7 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
         got = best["check"]["speedup"]
         raise UserError(f"target {what} not reached on {target.backend} {target.device} at batch {target.batch}: the "
                         f"closest child measured {got['median']:.2f}x [{got['ci_low']:.2f}, {got['ci_high']:.2f}] "
-                        f"({best['check']['child_ms']:.4g} ms); ask for less, or lower --min-width-fraction; nothing written")
+                        f"({best['check']['child_ms']:.4g} ms); ask for less, or lower `min_width_fraction`; nothing written")
     model = best["model"]
     after = measure(model, spec, ds, device)
     sp = best["check"]["speedup"]
@@ -222,7 +222,7 @@ def _layers(model: nn.Module, pruner, infos, ops, table: LayerLatency) -> list[L
         if op is None:
             continue  # never ran in the forward pass
         if op.kind == "unsupported":
-            raise UserError(f"latency-aware pruning cannot model {name}: grouped convolution (not depthwise); use --sparsity")
+            raise UserError(f"latency-aware pruning cannot model {name}: grouped convolution (not depthwise); use `sparsity`")
         m = modules[name]
         c_in = m.in_channels if isinstance(m, nn.modules.conv._ConvNd) else m.in_features
         c_out = m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features

@@ -28,9 +28,9 @@ def parse_tolerance(text: str) -> float:
     try:
         v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
     except ValueError:
-        raise UserError(f"--max-regression must look like 10% or 0.1, got {text!r}") from None
+        raise UserError(f"`max_regression` must look like 10% or 0.1, got {text!r}") from None
     if v < 0:
-        raise UserError("--max-regression must be >= 0")
+        raise UserError("`max_regression` must be >= 0")
     return v
 
 
@@ -55,7 +55,7 @@ def check(doc: dict, g: Gates) -> list[str]:
         try:
             old = json.loads(Path(g.against).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot read --against {g.against}: {e}") from None
+            raise UserError(f"cannot read `against` {g.against}: {e}") from None
         prev = {(r["target"], r["backend"], r["device"], r["batch_size"]): r for r in old.get("results", [])}
         matched = 0
         for r in doc["results"]:

@@ -226,12 +226,12 @@ class LayerLatency:
     def __init__(self, backend: str, device: str, batch: int, threads: int | None = None,
                  cache_dir: Path | None = None, min_time_s: float = 0.02):
         if backend not in LATENCY_BACKENDS:
-            raise UserError(f"--latency-backend must be one of {', '.join(LATENCY_BACKENDS)} (got {backend})")
+            raise UserError(f"`latency_backend` must be one of {', '.join(LATENCY_BACKENDS)} (got {backend})")
         if backend == "onnxruntime" and device != "cpu":
-            raise UserError("--latency-backend onnxruntime measures on the CPU here; use --latency-device cpu "
-                            "(or --latency-backend torch --latency-device cuda on a GPU)")
+            raise UserError("`latency_backend` onnxruntime measures on the CPU here; use `latency_device` cpu "
+                            "(or `latency_backend` torch `latency_device` cuda on a GPU)")
         if batch < 1:
-            raise UserError("--latency-batch must be >= 1")
+            raise UserError("`latency_batch` must be >= 1")
         self.batch, self.min_time_s = batch, min_time_s
         self.timer = _OrtTimer(threads) if backend == "onnxruntime" else _TorchTimer(device, threads)
         self.print = fingerprint(backend, device, batch, threads)

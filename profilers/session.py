@@ -52,17 +52,17 @@ class Settings:
         if bad:
             raise UserError(f"unknown backend {bad[0]} (choose from {', '.join(BACKENDS)})")
         if self.device not in ("cpu", "cuda"):
-            raise UserError("--device must be cpu or cuda")
+            raise UserError("`device` must be cpu or cuda")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            raise UserError("--batch-sizes must be positive integers")
+            raise UserError("`batch_sizes` must be positive integers")
         if self.rounds < 1 or self.min_iters < 1 or self.min_time_s < 0 or self.warmup < 0:
-            raise UserError("--rounds and --min-iters must be >= 1; --min-time and --warmup >= 0")
+            raise UserError("`rounds` and `min_iters` must be >= 1; `min_time` and `warmup` >= 0")
         if self.threads is not None and self.threads < 1:
-            raise UserError("--threads must be >= 1")
+            raise UserError("`threads` must be >= 1")
         if self.device == "cpu" and ("tensorrt" in self.backends or self.ort_provider in ("cuda", "tensorrt")):
-            raise UserError("TensorRT and the ONNX Runtime CUDA/TensorRT providers run on a GPU: pass --device cuda")
+            raise UserError("TensorRT and the ONNX Runtime CUDA/TensorRT providers run on a GPU: pass `device` cuda")
         if self.energy_estimate_w is not None and self.energy_estimate_w <= 0:
-            raise UserError("--energy-estimate must be a positive power in watts")
+            raise UserError("`energy_estimate` must be a positive power in watts")
 
 
 def _runner(t: Target, backend: str, batch: int, s: Settings, workdir: Path) -> Runner:

@@ -105,7 +105,7 @@ def reference(name: str, like: Target) -> Target:
     from compressor.models import ArchSpec, build, resolve as resolve_name
 
     if like.shape is None:
-        raise UserError("--reference needs a baseline whose input shape is known")
+        raise UserError("`reference` needs a baseline whose input shape is known")
     source, bare = resolve_name(name)
     classes = 10
     if like.model is not None:

@@ -46,3 +46,32 @@ def test_width_prune_help_shows_no_block_or_auto_options():
     text = CliRunner().invoke(app, ["prune", "--help"], env={"COLUMNS": "200"}).output
     assert "--sparsity" in text and "--target-speedup" in text
     assert not any(o in text for o in ("--num-blocks", "--candidate-epochs", "--similarity", "--holdout")), text
+
+
+def test_library_errors_name_fields_not_flags():
+    """compressor/exporters/profilers/orchestration raise errors naming the field (`min_width_fraction`); only the
+    CLI turns that into --min-width-fraction, so the library reads right from Python too."""
+    import ast
+    import re
+
+    import pytest
+
+    from cli.main import as_flags
+    from compressor.errors import UserError
+    from compressor.pruning import WidthConfig, validate
+
+    flagged = []
+    for pkg in ("compressor", "exporters", "profilers", "orchestration"):
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            if "bundle_files" in f.parts:  # run.py is a command line of its own
+                continue
+            src = f.read_text()
+            for n in ast.walk(ast.parse(src)):
+                if isinstance(n, ast.Call) and getattr(n.func, "id", getattr(n.func, "attr", None)) in ("UserError", "NotAvailable", "GateFailed"):
+                    if re.search(r"(?<![\w-])--[a-z]", ast.get_source_segment(src, n)):
+                        flagged.append(f"{f.relative_to(ROOT)}:{n.lineno}")
+    assert not flagged, flagged
+    with pytest.raises(UserError) as e:
+        validate(WidthConfig(sparsity=2.0, round_to=0))
+    assert str(e.value).startswith("`sparsity` must be in [0, 1)")
+    assert as_flags("`min_width_fraction` must be in (0, 1]; try `round_to`") == "--min-width-fraction must be in (0, 1]; try --round-to"

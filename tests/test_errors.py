@@ -55,6 +55,8 @@ CASES = [
     (["prune", "--model", "{parent}", "--out", OUT, "layers", "--num-blocks", "1"], "goes after `prune layers`"),
     (["prune", "layers", "--model", "{parent}", "--out", OUT], "--num-blocks"),
     (["prune", "--sparsity", "0.5"], "--model"),
+    (["demo", "--epochs", "-1", "--out", OUT], "--epochs"),
+    (["demo", "--metric", "vibes", "--epochs", "1", "--out", OUT], "unknown metric"),
     (["prune", "auto", "--model", "{parent}", "--min-accuracy", "50", "--calib-size", "32", "--out", OUT], "--holdout 0.1"),
     (["prune", "--model", "{dir}/missing", "--out", OUT], "does not exist"),
     (["prune", "--model", "{dir}/notmodel", "--out", OUT], "not a model directory"),

@@ -99,16 +99,16 @@ def load_dataset(spec: DataSpec, *, fake_shape: tuple[int, int, int] | None = No
         # Cut from the whole training split with a fixed seed, before any --train-size subset: every run and
         # every subset size holds out the same images, so no descendant of a model trains on them.
         if not (0 < spec.holdout < 0.5):
-            raise UserError(f"--holdout must be in (0, 0.5), got {spec.holdout}")
+            raise UserError(f"`holdout` must be in (0, 0.5), got {spec.holdout}")
         rest, held_idx = stratified_split(train.labels, spec.holdout, 0)
         train, held = train.subset(rest), train.subset(held_idx)
     if spec.train_size is not None:
         if spec.train_size < 1:
-            raise UserError("--train-size must be at least 1")
+            raise UserError("`train_size` must be at least 1")
         train = train.subset(balanced_subset(train.labels, spec.train_size, seed))
     if spec.test_size is not None:
         if spec.test_size < 1:
-            raise UserError("--test-size must be at least 1")
+            raise UserError("`test_size` must be at least 1")
         test = test.subset(balanced_subset(test.labels, spec.test_size, seed))
     if len(train) == 0 or len(test) == 0:
         raise UserError(f"dataset {spec.name} is empty")

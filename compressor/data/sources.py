@@ -117,7 +117,7 @@ def load_fashion_mnist(data_dir: str | None) -> RawDataset:
     if not root.is_dir():
         raise UserError(
             f"Fashion-MNIST directory {root} does not exist (on Debian: apt-get install dataset-fashion-mnist, "
-            "or pass --data-dir with the IDX .gz files)"
+            "or pass `data_dir` with the IDX .gz files)"
         )
     parts = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
@@ -180,7 +180,7 @@ def _cifar_arrays(batches: list[dict], label_key: str, path: Path) -> ImageSet:
 
 def load_cifar(name: str, data_dir: str | None, download: bool = False) -> RawDataset:
     if not data_dir:
-        raise UserError(f"{name} needs --data-dir pointing at the torchvision layout (the extracted python batches)")
+        raise UserError(f"{name} needs `data_dir` pointing at the torchvision layout (the extracted python batches)")
     root = Path(data_dir)
     sub = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
     if not sub.is_dir() and ((root / "data_batch_1").exists() or (root / "train").is_file()):
@@ -191,7 +191,7 @@ def load_cifar(name: str, data_dir: str | None, download: bool = False) -> RawDa
             sub = root / sub.name
         else:
             raise UserError(
-                f"{root} has no {sub.name}/ (torchvision layout); pass --download where you are online"
+                f"{root} has no {sub.name}/ (torchvision layout); pass `download` where you are online"
             )
     if name == "cifar10":
         train = _cifar_arrays([_load_cifar_batch(sub / f"data_batch_{i}") for i in range(1, 6)], "labels", sub)
@@ -240,7 +240,7 @@ def _scan(root: Path, classes: list[str]) -> ImageSet:
 def load_imagefolder(data_dir: str | None, seed: int = 0) -> RawDataset:
     """torchvision ImageFolder layout: DIR/train/<class>/* and DIR/val|test/<class>/*, or DIR/<class>/*."""
     if not data_dir:
-        raise UserError("imagefolder needs --data-dir")
+        raise UserError("imagefolder needs `data_dir`")
     root = Path(data_dir)
     if not root.is_dir():
         raise UserError(f"image folder {root} does not exist")
