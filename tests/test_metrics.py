@@ -98,8 +98,10 @@ def test_sparsity_that_empties_a_layer_is_refused(cli, cnn_parent, tmp_path):
     assert "would remove every one" in err and not (tmp_path / "x").exists()
 
 
-def test_kl_masking_equals_physical_removal(cnn_parent):
-    """The KL score of a channel is the KL of the network with that channel physically removed."""
+@pytest.mark.parametrize("direction", ["child-parent", "parent-child"])
+def test_kl_masking_equals_physical_removal(cnn_parent, direction):
+    """The KL score of a channel is the KL of the network with that channel physically removed, in the
+    direction asked: child-parent = sum q (log q - log p) with q the pruned network (the papers' code)."""
     lm = load_model_dir(cnn_parent)
     ds = load_dataset(DataSpec("digits"))
     spec = lm.record.input
@@ -107,7 +109,7 @@ def test_kl_masking_equals_physical_removal(cnn_parent):
     model = lm.model
     _, infos = planned_groups(model, spec, WidthConfig(sparsity=0.5))
     info = next(i for i in infos if len(i.producers) > 1)  # a residual-coupled group: the hard case
-    scores = kl_scores(model, [info], calib, spec, 64, "cpu")[info.key]
+    scores = kl_scores(model, [info], calib, spec, 64, "cpu", direction=direction)[info.key]
     from compressor.data import to_model_input
 
     x = to_model_input(calib.images, spec)
@@ -118,7 +120,8 @@ def test_kl_masking_equals_physical_removal(cnn_parent):
     with torch.no_grad():
         p = torch.log_softmax(model(x), 1)
         q = torch.log_softmax(clone(x), 1)
-    kl = torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum").item() / len(x)
+    pq = (p, q) if direction == "child-parent" else (q, p)  # kl_div(a, b) = sum exp(b) (b - a)
+    kl = torch.nn.functional.kl_div(*pq, log_target=True, reduction="sum").item() / len(x)
     assert scores[3].item() == pytest.approx(kl, rel=1e-4, abs=1e-6)
 
 
