@@ -68,13 +68,15 @@ def load_config(ctx: typer.Context, param, value: Path | None) -> Path | None:
         raise UserError(f"--config {value}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"--config {value} is not valid TOML ({e})") from None
-    path, c = [], ctx
+    path: list[str] = []
+    c = ctx
     while c.parent is not None:  # e.g. ["prune", "layers"] for `compress prune layers`: table [prune.layers]
         path.insert(0, c.info_name or "")
-        c = c.parent
-    node = data
+        c = c.parent  # type: ignore[assignment]  # Typer's Context and its vendored click's are one class at runtime
+    node: dict = data
     for part in path:
-        node = node.get(part) if isinstance(node.get(part), dict) else (data if node is data else {})
+        sub_table = node.get(part)
+        node = sub_table if isinstance(sub_table, dict) else (data if node is data else {})
     section = {k: v for k, v in node.items() if not isinstance(v, dict)}
     where = f"--config {value}" + (f" [{'.'.join(path)}]" if node is not data else "")
     ctx.default_map = {**(ctx.default_map or {}), **config_defaults(ctx.command, section, where)}

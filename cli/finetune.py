@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from compressor import atomic
+from compressor.data import DataSpec, load_dataset
 from compressor.errors import UserError
 from compressor.modeldir import CHECKPOINT_DIR, SPEC, write_model_files
 from compressor.progress import console
@@ -99,10 +100,11 @@ def finetune(
     lm = get_model(src, ds)
     if ds is None:
         ds = (dataset_for(None, None, train_size, test_size, False, lm.record, holdout=holdout)
-              or dataset_for("digits", None, train_size, test_size, False, holdout=holdout))
+              or load_dataset(DataSpec("digits", None, train_size, test_size, holdout=holdout or 0.0)))
         check_feedable(ds, lm.record.input, lm.record.num_classes, str(directory or model))
     elif holdout is None:
         ds = keep_holdout(ds, lm.record)
+    assert ds is not None  # named, recorded, or digits
     cfg = c.train_config(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
                          decay_on=decay_on, momentum=momentum, nesterov=nesterov, schedule=lr_schedule, milestones=milestones, augment=augment,
                          bn_l1=bn_l1, distill_temperature=distill_temperature, distill_weight=distill_weight, amp=amp,

@@ -111,7 +111,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
         convs = {id(m.weight) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)}
         params = [{"params": [p for p in params if id(p) in convs]},
                   {"params": [p for p in params if id(p) not in convs], "weight_decay": 0.0}]
-    fused = {"fused": True} if device.type == "cuda" else {}
+    fused: dict = {"fused": True} if device.type == "cuda" else {}
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
@@ -189,7 +189,7 @@ def train(model: nn.Module, train_set: ImageSet, test_set: ImageSet | None, spec
                               workers=cfg.workers if cfg.loader == "dataloader" else 0,
                               channels_last=cfg.channels_last)
             if cfg.loader == "dataloader" and train_set.images is not None:
-                batches._tensor_path = batches._loader_path  # the per-image path, for comparison
+                batches.force_loader()  # the per-image path, for comparison
             model.train()
             t0 = time.perf_counter()
             seen, loss_sum, correct = 0, 0.0, 0

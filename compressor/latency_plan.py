@@ -65,8 +65,8 @@ def ladder(n: int, round_to: int | None = None, levels: int = 16, min_fraction: 
     kernels favour; whether they are faster here is for the measured table to say)."""
     floor = max(1, -(-int(n * min_fraction * 1000) // 1000))  # ceil without float surprises
     if round_to:
-        out = [k for k in range(round_to, n + 1, round_to) if k >= floor]
-        return sorted(set(out) | {n}) if out else [n]
+        multiples = [k for k in range(round_to, n + 1, round_to) if k >= floor]
+        return sorted(set(multiples) | {n}) if multiples else [n]
     step = max(1, n // levels)
     out = {k for k in set(range(step, n + 1, step)) | set(range(8, n + 1, 8)) if k >= floor} | {n}
     return sorted(out)

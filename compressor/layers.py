@@ -118,10 +118,10 @@ def score_blocks(model: nn.Module, blocks: list[Block], metric: str, calib: Imag
 def choose_blocks(model: nn.Module, scores: dict[str, float], n: int, min_per_stage: int) -> list[str]:
     """The n lowest-scored removable blocks, never taking a stage below its minimum."""
     candidates = {b.path: b for b in removable(model, min_per_stage)}
-    left = {}
+    left: dict[str, int] = {}
     for b in find_blocks(model):
         left[b.stage] = left.get(b.stage, 0) + 1
-    chosen = []
+    chosen: list[str] = []
     for path in sorted(candidates, key=lambda p: (scores[p], p)):
         b = candidates[path]
         if len(chosen) == n:

@@ -45,8 +45,12 @@ def penultimate(model: nn.Module, data: ImageSet, spec: InputSpec, batch_size: i
                 device: str | torch.device = "cpu") -> np.ndarray:
     """The classifier's input (global-average-pooled features for CNNs, pre-logits for ViTs)."""
     head = get_classifier(model)
-    feats = []
-    handle = head.register_forward_pre_hook(lambda m, a: feats.append(a[0].detach().float().flatten(1).cpu()) and None)
+    feats: list[torch.Tensor] = []
+
+    def keep(m, a) -> None:
+        feats.append(a[0].detach().float().flatten(1).cpu())
+
+    handle = head.register_forward_pre_hook(keep)
     was = model.training
     model.eval()
     try:

@@ -100,7 +100,7 @@ class Source:
     seed: int = 0  # fixes the random initialisation of a model built by name
 
 
-def parse_model_args(items: list[str]) -> dict:
+def parse_model_args(items: list[str] | None) -> dict:
     import json
 
     out = {}

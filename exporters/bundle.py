@@ -94,13 +94,13 @@ def build(lm: LoadedModel, target: str, out: Path, precision: str = "fp32", samp
         profile_doc = profile(onnx_path) if profile is not None else None
     files["run.py"] = RUN_PY.read_bytes()
     files["requirements.txt"] = ("\n".join(t["requirements"]) + "\n").encode()
-    sample_names = []
+    sample_names: list[str] = []
     if ds is not None and ds.test.images is not None:
         for i in range(min(samples, len(ds.test))):
             name = f"samples/{i:03d}_{ds.classes[int(ds.test.labels[i])].replace('/', '-').replace(' ', '_')}.png"
             files[name] = _png(ds.test.images[i].numpy())
             sample_names.append(name)
-    manifest = {
+    manifest: dict = {
         "schema": SCHEMA,
         "model": {"arch": lm.record.arch.to_json(), "num_classes": lm.record.num_classes,
                   "lineage": [{k: e.get(k) for k in ("stage", "parent", "time", "settings")} for e in lm.record.lineage]},
@@ -213,7 +213,7 @@ def _verify_contents(root: Path, m: dict) -> dict:
     if model_file not in listed:
         raise GateFailed(f"manifest.json names model file {model_file!r}, which the manifest does not list")
     samples = list(m["samples"]["files"])
-    result = {"files": len(listed), "samples": len(samples),
+    result: dict = {"files": len(listed), "samples": len(samples),
               "run_py_is_ours": "run.py" in listed and atomic.sha256_file(root / "run.py") == atomic.sha256_file(RUN_PY)}
     if samples:
         if not set(samples) <= listed:

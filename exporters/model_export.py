@@ -61,7 +61,7 @@ def export_onnx(lm: LoadedModel, out: Path, precision: str = "fp32", data: str |
     report = onnx_export.export(lm.model, (spec.channels, spec.height, spec.width), out, inputs=inputs, inputs_are=what,
                                 precision=precision, calib=calib, tolerance=tolerance)
     report["model"] = model_summary(lm)
-    if precision == "int8":
+    if calib is not None:
         report["calibration_images"] = len(calib)
     report["tolerance"] = dict(zip(("atol", "rtol", "min_top1_agreement"), TOLERANCE[precision]))
     atomic.write_json(out.with_name(out.name + ".json"), report)

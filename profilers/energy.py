@@ -97,7 +97,9 @@ def nvml_counter(index: int = 0, nvml=None) -> tuple[Counter | None, str | None]
     """NVML energy for torch's cuda:`index`."""
     try:
         if nvml is None:
-            import pynvml as nvml  # nvidia-ml-py
+            import pynvml  # nvidia-ml-py
+
+            nvml = pynvml
         nvml.nvmlInit()
         c = NvmlCounter(nvml, torch_device_handle(nvml, index))
         c.joules()
@@ -163,7 +165,7 @@ AGX_ORIN_RAILS = ("VDD_GPU_SOC", "VDD_CPU_CV", "VIN_SYS_5V0")
 
 def jetson_rails(root: str = "/sys/bus/i2c/drivers/ina3221") -> dict[str, tuple[Path, str]]:
     """label -> (hwmon directory, channel number) of every labelled INA3221 channel."""
-    rails = {}
+    rails: dict[str, tuple[Path, str]] = {}
     for lab in sorted(glob.glob(f"{root}/*/hwmon/hwmon*/in*_label")):
         p = Path(lab)
         try:
@@ -255,7 +257,7 @@ def detect(device: str, cuda_index: int = 0) -> tuple[Counter | None, str]:
         c, why = probe()
         if c is not None:
             return c, ""
-        reasons.append(why)
+        reasons.append(why or "unavailable")
     return None, "; ".join(reasons)
 
 

@@ -54,7 +54,7 @@ def markdown(doc: dict) -> str:
             if (r["backend"], r["device"], r["batch_size"]) == (backend, device, batch):
                 lines.append("| " + " | ".join(str(r[c]) for c in COLUMNS) + " |")
         lines.append("")
-    reasons = {(r.get("energy") or {}).get("reason") for r in doc["results"]} - {None}
+    reasons = {str(r["energy"]["reason"]) for r in doc["results"] if (r.get("energy") or {}).get("reason")}
     if reasons:
         lines += [f"Energy n/a: {'; '.join(sorted(reasons))}.", ""]
     lines += ["Speedup: median of per-round latency ratios against the baseline, interleaved rounds; "

@@ -60,7 +60,8 @@ class TorchRunner(Runner):
         self.host = torch.randn(batch, *shape, generator=g)
         self.x = self.host.to(self.device)
         self.include_transfers = include_transfers
-        self.graph = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None
         if self.device.type == "cuda":
             self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             if cuda_graphs:
@@ -73,8 +74,8 @@ class TorchRunner(Runner):
             for _ in range(3):
                 self.model(self.x)
         torch.cuda.current_stream().wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.inference_mode():
+        graph = self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.inference_mode():
             self.out = self.model(self.x)
 
     @torch.inference_mode()
@@ -91,7 +92,7 @@ class TorchRunner(Runner):
             out = self.out
         else:
             out = self.model(self.x)
-        if self.include_transfers:  # as the other backends: input host->device and output device->host
+        if self.include_transfers and out is not None:  # as the other backends: input host->device, output back
             out.cpu()
         self.end.record()
         self.end.synchronize()
@@ -107,7 +108,8 @@ class TorchRunner(Runner):
 
     def close(self) -> None:
         if self.device.type == "cuda":  # the next target's memory window must not hold this one's weights
-            self.graph = self.out = self.x = None
+            self.graph = self.out = None
+            del self.x
             self.model.to("cpu")
             torch.cuda.empty_cache()
 
@@ -186,9 +188,9 @@ class TrtRunner(Runner):
         g = torch.Generator().manual_seed(seed)
         for name in names:
             if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                shape = list(self.engine.get_tensor_shape(name))
-                shape[0] = batch
-                set_batch(self.engine, self.context, name, shape)
+                dims = list(self.engine.get_tensor_shape(name))
+                dims[0] = batch
+                set_batch(self.engine, self.context, name, dims)
         for name in names:
             shape = tuple(self.context.get_tensor_shape(name))
             dt = torch.float16 if self.engine.get_tensor_dtype(name) == trt.DataType.HALF else torch.float32

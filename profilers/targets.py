@@ -111,7 +111,7 @@ def reference(name: str, like: Target) -> Target:
     if like.model is not None:
         from compressor.models import get_classifier
 
-        classes = get_classifier(like.model).out_features
+        classes = int(get_classifier(like.model).out_features)  # type: ignore[arg-type]
     kwargs = {}
     if source == "timm" and like.shape[1] != 224:
         kwargs["img_size"] = like.shape[1]
@@ -128,6 +128,7 @@ def ensure_onnx(t: Target, workdir: Path) -> Path:
         return t.onnx
     from exporters.onnx_export import export
 
+    assert t.model is not None and t.shape is not None  # a target without ONNX is a model target
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in t.name)
     out = Path(tempfile.mkdtemp(dir=workdir)) / f"{safe}.onnx"
     x = np.random.default_rng(0).standard_normal((8, *t.shape)).astype(np.float32)

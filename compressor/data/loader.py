@@ -79,7 +79,7 @@ def to_model_input(images_u8: torch.Tensor, spec: InputSpec, ops: tuple[str, ...
     x = images_u8.float().div_(255.0)
     x = fit_size(adapt_channels(x, spec.channels), spec.height, spec.width)
     if ops:
-        x = augment.apply(x, ops, g)
+        x = augment.apply(x, ops, g if g is not None else torch.Generator().manual_seed(0))
     return normalise(x, spec)
 
 
@@ -104,13 +104,17 @@ class Batches:
         self.device = torch.device(device)
         self.drop_last, self.workers, self.channels_last = drop_last, workers, channels_last
         self.wait_s = 0.0  # time the consumer spent waiting for data
+        self.per_image = False  # True: decode and augment image by image even when a tensor is held
+
+    def force_loader(self) -> None:
+        self.per_image = True
 
     def __len__(self) -> int:
         n = len(self.data)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.data.images is not None:
+        if self.data.images is not None and not self.per_image:
             yield from self._tensor_path()
         else:
             yield from self._loader_path()
@@ -163,7 +167,8 @@ class Batches:
 
 def _seed_worker(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
-    info.dataset.dataset.reseed(info.seed)
+    if info is not None:  # None only outside a worker, where nothing needs reseeding
+        info.dataset.dataset.reseed(info.seed)  # type: ignore[union-attr, attr-defined]  # our Subset of a PerImageDataset
 
 
 class PerImageDataset(torch.utils.data.Dataset):
@@ -183,6 +188,7 @@ class PerImageDataset(torch.utils.data.Dataset):
         if self.data.images is not None:
             img = self.data.images[i]
         else:
+            assert self.data.paths is not None  # an ImageSet holds images or paths
             img = decode_image(self.data.paths[i], self.spec.channels)
         x = to_model_input(img[None], self.spec, self.ops, self.g)[0]
         return x, self.data.labels[i]

@@ -73,7 +73,7 @@ def load_digits() -> RawDataset:
     labels = torch.from_numpy(d.target.astype(np.int64))
     tr = ImageSet(labels=labels[idx_tr], images=images[idx_tr])
     te = ImageSet(labels=labels[idx_te], images=images[idx_te])
-    mean, std = _measure(tr.images)
+    mean, std = _measure(images[idx_tr])
     return RawDataset("digits", [str(i) for i in range(10)], tr, te, 1, mean, std)
 
 
@@ -287,9 +287,8 @@ def decode_image(path: str, channels: int) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            arr = np.asarray(im, dtype=np.uint8)
+        with Image.open(path) as raw:
+            arr = np.asarray(raw.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     except (OSError, UnidentifiedImageError) as e:
         raise UserError(f"cannot decode image {path}: {e}") from None
     if arr.ndim == 2:
