@@ -122,7 +122,7 @@ class LoadedModel:
 
 # ----------------------------------------------------------------------------- structure diff
 def _module_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
-    out = {k: v for k, v in m.named_parameters(recurse=False) if v is not None}
+    out: dict[str, torch.Tensor] = {k: v for k, v in m.named_parameters(recurse=False) if v is not None}
     out.update({k: v for k, v in m.named_buffers(recurse=False) if v is not None})
     return out
 

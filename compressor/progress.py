@@ -24,25 +24,28 @@ class Reporter:
             yield lambda *a, **k: None
             return
         own = self._progress is None
-        if own:
-            self._progress = Progress(
+        progress = self._progress
+        if progress is None:
+            progress = self._progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                 console=console, transient=False,
             )
-            self._progress.start()
-        tid = self._progress.add_task(description, total=total, info="")
+            progress.start()
+        tid = progress.add_task(description, total=total, info="")
         try:
             def advance(n: int = 1, info: str | None = None):
-                kw = {"info": info} if info is not None else {}
-                self._progress.update(tid, advance=n, **kw)
+                if info is None:
+                    progress.update(tid, advance=n)
+                else:
+                    progress.update(tid, advance=n, info=info)
             yield advance
         finally:
             if own:
-                self._progress.stop()
+                progress.stop()
                 self._progress = None
             else:
-                self._progress.remove_task(tid)
+                progress.remove_task(tid)
 
     def log(self, msg: str) -> None:
         if self.enabled:

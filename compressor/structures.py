@@ -113,8 +113,8 @@ class Masks:
 
     def _mask_for(self, module: nn.Module) -> torch.Tensor:
         if id(module) not in self._masks:
-            n = module.in_channels if isinstance(module, nn.modules.conv._ConvNd) else module.in_features
-            w = module.weight
+            n = int(module.in_channels if isinstance(module, nn.modules.conv._ConvNd) else module.in_features)  # type: ignore[arg-type]
+            w: torch.Tensor = module.weight  # type: ignore[assignment]  # consumers are conv/linear
             self._masks[id(module)] = (module, torch.ones(n, dtype=w.dtype, device=w.device))
             self._handles.append(module.register_forward_pre_hook(self._hook))
         return self._masks[id(module)][1]
@@ -132,7 +132,8 @@ class Masks:
         dims = torch.tensor(root_dims, dtype=torch.long)
         for c in info.consumers:
             sel = c.local[torch.isin(c.root, dims)]
-            self._mask_for(c.module)[sel.to(c.module.weight.device)] = value
+            mask = self._mask_for(c.module)
+            mask[sel.to(mask.device)] = value
 
     def close(self) -> None:
         for h in self._handles:

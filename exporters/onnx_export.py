@@ -71,9 +71,9 @@ def within(agreement: Agreement, precision: str, tolerance: float | None = None)
         return "the outputs are not finite (NaN or inf): the model's weights or the graph are broken"
     if tolerance is not None:
         atol, rtol = tolerance, 0.0
-    if atol is not None and agreement.max_abs_diff > atol + rtol * agreement.reference_scale:
+    if atol is not None and agreement.max_abs_diff > atol + (rtol or 0.0) * agreement.reference_scale:
         return (f"max |ONNX - PyTorch| = {agreement.max_abs_diff:.3g} on input #{agreement.worst_input} exceeds "
-                f"the {precision} tolerance {atol + rtol * agreement.reference_scale:.3g}")
+                f"the {precision} tolerance {atol + (rtol or 0.0) * agreement.reference_scale:.3g}")
     if agreement.top1_agreement < min_agree:
         return f"top-1 agrees with PyTorch on only {100 * agreement.top1_agreement:.1f}% of inputs (need {100 * min_agree:.0f}%)"
     return None
@@ -90,6 +90,8 @@ def _export_fp32(model: nn.Module, shape: tuple[int, int, int]) -> onnx.ModelPro
                                      verbose=False)
         except Exception as e:
             raise UserError(f"torch.onnx.export failed: {str(e).splitlines()[0][:200]}") from None
+    if prog is None:  # dynamo=True always returns the program; None would be an exporter bug
+        raise UserError("torch.onnx.export returned no program")
     return prog.model_proto
 
 

@@ -179,7 +179,7 @@ def run(loaded: LoadedModel, ds: Dataset, cfg: AutoConfig, train_cfg: TrainConfi
     rng = random.Random(cfg.seed)
     base_held = evaluate(parent, held, spec, 256, device)
     base_test = evaluate(parent, ds.test, spec, 256, device)
-    log = {"settings": {**asdict(cfg), "train": train_cfg.to_json()}, "parent": str(loaded.path) if loaded.path else None,
+    log: dict = {"settings": {**asdict(cfg), "train": train_cfg.to_json()}, "parent": str(loaded.path) if loaded.path else None,
            "root": {**root, "holdout_top1": base_held["top1"], "test_top1": base_test["top1"], "test_top5": base_test["top5"]},
            "holdout": held_out,
            "iterations": [], "stopped": None}

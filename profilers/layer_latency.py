@@ -90,8 +90,8 @@ def _pad(m: nn.Conv2d) -> tuple[int, ...]:
 def _conv_module(op: OpShape, c_in: int, c_out: int) -> nn.Module:
     if op.kind == "conv":
         groups = c_in if op.depthwise else 1
-        return nn.Conv2d(c_in, c_in if op.depthwise else c_out, op.kernel, op.stride, op.padding, op.dilation,
-                         groups=groups, bias=op.bias)
+        return nn.Conv2d(c_in, c_in if op.depthwise else c_out, op.kernel, op.stride, op.padding,  # type: ignore[arg-type]
+                         op.dilation, groups=groups, bias=op.bias)  # type: ignore[arg-type]  # 2-tuples read from a Conv2d
     return nn.Linear(c_in, c_out, bias=op.bias)
 
 
@@ -161,7 +161,7 @@ def _time(sess, shape, min_time_s: float) -> float:
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     for _ in range(3):
         sess.run(None, {"x": x})
-    lat = []
+    lat: list[float] = []
     t_end = time.perf_counter() + min_time_s
     while len(lat) < 7 or (time.perf_counter() < t_end and len(lat) < 500):
         t0 = time.perf_counter()
@@ -184,7 +184,7 @@ class _TorchTimer:
     def _run(self, fn, x, min_time_s: float) -> float:
         for _ in range(3):
             fn(x)
-        lat = []
+        lat: list[float] = []
         t_end = time.perf_counter() + min_time_s
         cuda = self.device.type == "cuda"
         while len(lat) < 7 or (time.perf_counter() < t_end and len(lat) < 500):
