@@ -46,7 +46,8 @@ _register()
 
 
 def as_flags(msg: str) -> str:
-    """The library names fields (`min_width_fraction`); the command line user knows them as --min-width-fraction."""
+    """The library names options in backticks (`min_width_fraction`); on the command line they are flags
+    (--min-width-fraction)."""
     return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: "--" + m.group(1).replace("_", "-"), msg)
 
 

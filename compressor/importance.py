@@ -37,10 +37,9 @@ def _norm(global_ranking: bool) -> str | None:
 @dataclass(frozen=True)
 class Metric:
     """One importance metric: torch-pruning's class where it implements the metric exactly (`library`),
-    else our scorer (`scores`: model, groups, calibration set, spec, batch, device, greedy step, reporter)."""
+    else our scorer (`scores(model, groups, calib, spec, batch, device, reporter, greedy_step=, kl_direction=)`)."""
 
     name: str
-    source: str  # the paper or algorithm, for --help and the README
     needs_data: bool = False  # ranks by the model's outputs on the calibration set
     gradients: bool = False  # needs dL/dw accumulated over the calibration set first
     needs_batchnorm: bool = False
@@ -75,19 +74,19 @@ def _kl_metric(model, infos, calib, spec, batch, device, reporter, *, kl_directi
 
 
 REGISTRY: dict[str, Metric] = {m.name: m for m in (
-    Metric("l1", "L1 norm (Li et al. 2017)", library=lambda g: tp.importance.GroupMagnitudeImportance(
+    Metric("l1", library=lambda g: tp.importance.GroupMagnitudeImportance(
         p=1, group_reduction="sum", normalizer=_norm(g), target_types=_WEIGHTED)),
-    Metric("l1-filter", "filter L1 norm (Li et al. 2017; Lajić et al.)", scores=filter_norm_scores),
-    Metric("l2", "L2 norm", library=lambda g: tp.importance.GroupMagnitudeImportance(
+    Metric("l1-filter", scores=filter_norm_scores),  # Li et al. 2017's filter norm, as Lajić et al. use it
+    Metric("l2", library=lambda g: tp.importance.GroupMagnitudeImportance(
         p=2, group_reduction="sum", normalizer=_norm(g), target_types=_WEIGHTED)),
-    Metric("random", "seeded random", library=lambda g: tp.importance.RandomImportance()),
-    Metric("taylor", "first-order Taylor (Molchanov et al. 2019)", needs_data=True, gradients=True,
+    Metric("random", library=lambda g: tp.importance.RandomImportance()),
+    Metric("taylor", needs_data=True, gradients=True,  # first-order Taylor (Molchanov et al. 2019)
            library=lambda g: tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=_norm(g),
                                                                    target_types=_WEIGHTED)),
-    Metric("bn-scale", "BatchNorm scale (network slimming, Liu et al. 2017)", needs_batchnorm=True,
+    Metric("bn-scale", needs_batchnorm=True,  # network slimming (Liu et al. 2017)
            library=lambda g: tp.importance.BNScaleImportance(group_reduction="sum", normalizer=_norm(g))),
-    Metric("output-norm-greedy", "greedy output norm (Lajić et al.)", needs_data=True, scores=_greedy),
-    Metric("kl", "KL divergence of the outputs (Luo & Wu 2020)", needs_data=True, scores=_kl_metric),
+    Metric("output-norm-greedy", needs_data=True, scores=_greedy),  # Lajić et al.
+    Metric("kl", needs_data=True, scores=_kl_metric),  # Luo & Wu 2020
 )}
 METRICS = tuple(REGISTRY)
 

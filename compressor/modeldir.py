@@ -7,6 +7,7 @@ loading never unpickles anything: build the architecture, reshape the changed mo
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -100,17 +101,11 @@ def check_schema(d: dict, where: str) -> None:
         raise UserError(f"{where}: field {field_path or '(top level)'}: {what[:160]}")
 
 
-_VALIDATOR = None
-
-
+@functools.lru_cache(maxsize=1)
 def _validator():
-    global _VALIDATOR
-    if _VALIDATOR is None:
-        import jsonschema
+    import jsonschema
 
-        schema = json.loads((Path(__file__).with_name("model.schema.json")).read_text())
-        _VALIDATOR = jsonschema.Draft202012Validator(schema)
-    return _VALIDATOR
+    return jsonschema.Draft202012Validator(json.loads(Path(__file__).with_name("model.schema.json").read_text()))
 
 
 @dataclass

@@ -222,7 +222,7 @@ def _plan(infos: list[GroupInfo], model: nn.Module, cfg: WidthConfig) -> int:
             info.n_remove = info.n_units if cfg.global_ranking else _local_quota(info.n_units, cfg.sparsity, cfg.round_to)
         if not cfg.global_ranking and info.n_remove >= info.n_units:
             what = "heads" if info.kind == "head" else "channels"
-            hint = f" with --round-to {cfg.round_to}" if cfg.round_to else ""
+            hint = f" with `round_to` {cfg.round_to}" if cfg.round_to else ""
             raise UserError(
                 f"sparsity {cfg.sparsity}{hint} would remove every one of the {info.n_units} {what} of {info.name}; "
                 "lower `sparsity`"

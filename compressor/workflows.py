@@ -6,6 +6,7 @@ where the directory goes.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,13 +208,16 @@ def keep_holdout(ds: Dataset | None, record: ModelRecord) -> Dataset | None:
     rec = record.dataset
     if ds is None or rec is None or not rec.holdout or ds.spec.holdout or (ds.spec.name, ds.spec.data_dir) != (rec.name, rec.data_dir):
         return ds
-    return load_dataset(ds.spec.with_holdout(rec.holdout))
+    return load_dataset(dataclasses.replace(ds.spec, holdout=rec.holdout))
 
 
 def trained_on(record: ModelRecord, spec: DataSpec) -> bool:
     """Whether the model's lineage trained on this dataset's whole training split (no held-out share)."""
-    return any(e.get("stage") in ("train", "finetune") and (e.get("settings", {}).get("data") or {}).get("name") == spec.name
-               and not (e.get("settings", {}).get("data") or {}).get("holdout") for e in record.lineage)
+    for e in record.lineage:
+        data = (e.get("settings") or {}).get("data") or {}
+        if e.get("stage") in ("train", "finetune") and data.get("name") == spec.name and not data.get("holdout"):
+            return True
+    return False
 
 
 def measure(model: nn.Module, spec: InputSpec, ds: Dataset | None, device) -> dict:

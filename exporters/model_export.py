@@ -99,16 +99,14 @@ def export_tensorrt(lm: LoadedModel, out: Path, precision: str = "fp16", data: s
 
 @dataclass(frozen=True)
 class Format:
-    """One export format: what it writes, at which precisions, what it needs installed."""
+    """One export format: its name, the precisions it writes, and the function that writes it."""
 
     name: str
-    suffix: str
     precisions: tuple[str, ...]
-    extra: str | None  # the optional extra that installs its runtime
     write: Callable[..., dict]
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("onnx", ".onnx", PRECISIONS, None, export_onnx),
-    Format("tensorrt", ".engine", PRECISIONS, "tensorrt", export_tensorrt),
+    Format("onnx", PRECISIONS, export_onnx),
+    Format("tensorrt", PRECISIONS, export_tensorrt),
 )}

@@ -88,8 +88,7 @@ def build_engine(onnx_path: Path, out: Path, *, precision: str, shape: tuple[int
     if plan is None:
         raise UserError("TensorRT failed to build the engine (see the TensorRT log above)")
     atomic.write_bytes(out, bytes(plan))
-    cache = config.get_timing_cache() if timing_cache is not None else None
-    if timing_cache is not None and cache is not None:
+    if timing_cache is not None and (cache := config.get_timing_cache()) is not None:
         atomic.write_bytes(timing_cache, bytes(cache.serialize()))
     return {"tensorrt": trt.__version__, "gpu": gpu_identity(), "precision": precision,
             "strongly_typed": strongly_typed or ver >= (11, 0), "version_compatible": version_compatible,

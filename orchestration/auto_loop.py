@@ -1,5 +1,6 @@
-"""do Nascimento et al. (Pruning Everything, Everywhere, All at Once, arXiv 2506.04513): at each iteration remove either a residual block or an equal number of filters, whichever
-candidate stays closer to its parent by linear CKA after a short fine-tune.
+"""do Nascimento et al. (Pruning Everything, Everywhere, All at Once, arXiv 2506.04513): at each iteration
+remove either a residual block or an equal number of filters, whichever candidate stays closer to its
+parent by linear CKA after a short fine-tune.
 
 Differences from the authors' release, on purpose: candidates are compared on a held-out split of the
 training data (the release used the test set), and KL is computed from logits (the release applied
@@ -145,13 +146,14 @@ def filter_candidate(parent: nn.Module, spec: InputSpec, count: int, metric: str
     return model, removed
 
 
-def _held_out(loaded: LoadedModel, ds: Dataset, cfg: AutoConfig, reporter: Reporter) -> dict:
+def _held_out(loaded: LoadedModel, ds: Dataset, cfg: AutoConfig, reporter: Reporter) -> tuple[ImageSet, ImageSet, dict]:
     """The images CKA and the accuracy floor are measured on. Unseen by the parent only when its data
     spec held them out from training (compress finetune --holdout); otherwise cut now from a training
-    split the parent may have trained on: said loudly, recorded, and refused for --min-accuracy."""
+    split the parent may have trained on: said loudly, recorded, and refused for --min-accuracy.
+    Returns (training images, held-out images, what the log records about them)."""
     if ds.held is not None:
-        return {"sets": (ds.train, ds.held), "source": f"the data's recorded held-out share ({ds.spec.holdout})",
-                "images": len(ds.held), "unseen_by_parent": True}
+        return ds.train, ds.held, {"source": f"the data's recorded held-out share ({ds.spec.holdout})",
+                                   "images": len(ds.held), "unseen_by_parent": True}
     seen = trained_on(loaded.record, ds.spec)
     if seen and cfg.min_accuracy is not None:
         raise UserError(f"the parent trained on all of {ds.spec.name}'s training split, so a held-out accuracy floor would "
@@ -160,8 +162,8 @@ def _held_out(loaded: LoadedModel, ds: Dataset, cfg: AutoConfig, reporter: Repor
         reporter.log(f"warning: the parent trained on all of {ds.spec.name}'s training split: the held-out images CKA "
                      "compares on are not unseen (retrain the parent with compress finetune --holdout 0.1)")
     train_set, held = ds.holdout(cfg.holdout, cfg.seed)
-    return {"sets": (train_set, held), "source": f"--holdout {cfg.holdout} of the training split", "images": len(held),
-            "unseen_by_parent": None if not seen else False}
+    return train_set, held, {"source": f"--holdout {cfg.holdout} of the training split", "images": len(held),
+                             "unseen_by_parent": None if not seen else False}
 
 
 def run(loaded: LoadedModel, ds: Dataset, cfg: AutoConfig, train_cfg: TrainConfig, out_dir: Path, *,
@@ -170,8 +172,7 @@ def run(loaded: LoadedModel, ds: Dataset, cfg: AutoConfig, train_cfg: TrainConfi
     cfg.validate()
     spec = loaded.record.input
     shape = (spec.channels, spec.height, spec.width)
-    held_out = _held_out(loaded, ds, cfg, reporter)
-    train_set, held = held_out.pop("sets")
+    train_set, held, held_out = _held_out(loaded, ds, cfg, reporter)
     calib = train_set.subset(balanced_subset(train_set.labels, cfg.calib_size, cfg.seed))
     parent = clone(loaded.model).to(device).eval()
     record = loaded.record

@@ -14,7 +14,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from compressor import atomic
 from compressor.data import Dataset
 from compressor.errors import UserError

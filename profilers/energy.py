@@ -9,6 +9,7 @@ same counter just before it.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import threading
 import time
@@ -30,8 +31,14 @@ class Counter:
         """A count that rises when clocks are throttled (None if unreadable)."""
         return None
 
+    def start(self) -> None:
+        """Begin sampling (counters read on demand need nothing)."""
+
+    def stop(self) -> None:
+        """End sampling started by start()."""
+
     def close(self) -> None:
-        pass
+        self.stop()
 
 
 # ----------------------------------------------------------------------------- NVML
@@ -56,10 +63,8 @@ class NvmlCounter(Counter):
     def throttle_events(self) -> int | None:
         """Cumulative power/thermal violation time (ns): it covers the whole window, not two instants.
         Drivers or boards without it: the clock-event reasons at this instant; neither readable: None."""
-        try:
+        with contextlib.suppress(Exception):  # NVMLError_NotSupported / FunctionNotFound, or an older nvidia-ml-py
             return sum(int(self.nvml.nvmlDeviceGetViolationStatus(self.handle, p).violationTime) for p in PERF_POLICIES)
-        except Exception:  # NVMLError_NotSupported / FunctionNotFound, or an older nvidia-ml-py
-            pass
         get = getattr(self.nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
             getattr(self.nvml, "nvmlDeviceGetCurrentClocksThrottleReasons", None)
         if get is None:
@@ -78,13 +83,11 @@ def torch_device_handle(nvml, index: int):
     CUDA_VISIBLE_DEVICES, so map by UUID (torch reports it), else through CUDA_VISIBLE_DEVICES."""
     import os
 
-    try:
+    with contextlib.suppress(Exception):  # no CUDA in torch, no uuid property, or NVML does not know it
         import torch
 
         uuid = str(torch.cuda.get_device_properties(index).uuid)
         return nvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
-    except Exception:
-        pass
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
     if index < len(visible):
         if visible[index].isdigit():
@@ -226,7 +229,7 @@ class JetsonRailCounter(Counter):
         with self._lock:
             return self.energy
 
-    def close(self) -> None:
+    def stop(self) -> None:
         if self._thread is not None:
             self._stop.set()
             self._thread.join(timeout=1)
@@ -282,27 +285,26 @@ def measure(counter: Counter, run_once: Callable[[], None], batch: int, window_s
             idle_s: float = 2.0, settle_s: float = 1.0) -> EnergyResult:
     """Idle baseline, then inferences for at least `window_s`; energy per image, gross and net of idle.
     The baseline starts `settle_s` after the last work, once clocks and power have ramped down."""
-    start = getattr(counter, "start", None)
-    if start is not None:
-        start()  # sampling counters run only inside this measurement
-    time.sleep(settle_s)
-    e0, t0 = counter.joules(), time.perf_counter()
-    time.sleep(idle_s)
-    idle_w = (counter.joules() - e0) / (time.perf_counter() - t0)
-    th0 = counter.throttle_events()
-    n = 0
-    e1, t1 = counter.joules(), time.perf_counter()
-    while time.perf_counter() - t1 < window_s:
-        run_once()
-        n += 1
-    e2, t2 = counter.joules(), time.perf_counter()
-    th1 = counter.throttle_events()
-    images = n * batch
-    gross = (e2 - e1) / images
-    net = ((e2 - e1) - idle_w * (t2 - t1)) / images
-    throttled = None if th0 is None or th1 is None else th1 > th0
-    if start is not None:
-        counter.close()
+    counter.start()  # sampling counters run only inside this measurement
+    try:
+        time.sleep(settle_s)
+        e0, t0 = counter.joules(), time.perf_counter()
+        time.sleep(idle_s)
+        idle_w = (counter.joules() - e0) / (time.perf_counter() - t0)
+        th0 = counter.throttle_events()
+        n = 0
+        e1, t1 = counter.joules(), time.perf_counter()
+        while time.perf_counter() - t1 < window_s:
+            run_once()
+            n += 1
+        e2, t2 = counter.joules(), time.perf_counter()
+        th1 = counter.throttle_events()
+        images = n * batch
+        gross = (e2 - e1) / images
+        net = ((e2 - e1) - idle_w * (t2 - t1)) / images
+        throttled = None if th0 is None or th1 is None else th1 > th0
+    finally:
+        counter.stop()
     return EnergyResult(gross, net, idle_w, t2 - t1, images, counter.source, counter.scope, throttled)
 
 

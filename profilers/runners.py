@@ -109,7 +109,7 @@ class TorchRunner(Runner):
     def close(self) -> None:
         if self.device.type == "cuda":  # the next target's memory window must not hold this one's weights
             self.graph = self.out = None
-            del self.x
+            self.x = self.x.cpu()
             self.model.to("cpu")
             torch.cuda.empty_cache()
 

@@ -33,9 +33,6 @@ class DataSpec:
         return cls(name=d["name"], data_dir=d.get("data_dir"), train_size=d.get("train_size"), test_size=d.get("test_size"),
                    holdout=float(d.get("holdout") or 0.0))
 
-    def with_holdout(self, holdout: float) -> "DataSpec":
-        return DataSpec(self.name, self.data_dir, self.train_size, self.test_size, self.download, holdout)
-
 
 @dataclass
 class Dataset(RawDataset):
