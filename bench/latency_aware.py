@@ -1,19 +1,16 @@
 """Latency-aware pruning (`--target-speedup`) on this CPU with ONNX Runtime.
 
-Part 1 (default): for each model, batch and target, the achieved measured speedup with its interval, the
-error against the target, and the latency model's prediction error.
-Part 2 (`--accuracy`): on real Fashion-MNIST, latency-aware vs uniform `--sparsity` at the same measured
-speedup, the same fine-tuning, 3 seeds.
+For each model, batch and target, the achieved measured speedup with its interval, the error against the
+target, and the latency model's prediction error. Accuracy at matched speedup: bench/latency_accuracy.py.
 """
 
 import argparse
 import statistics
 import time
 
-from common import FMNIST, RUNS, compress, load, md_table, require_fashion_mnist, write_section
+from common import RUNS, compress, load, md_table, write_section
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--accuracy", action="store_true", help="also run part 2 (about 40 min on 2 cores)")
 ap.add_argument("--quick", action="store_true", help="ResNet-20 only (a smoke run)")
 args = ap.parse_args()
 
@@ -62,47 +59,5 @@ body = [
     f"Latency-model error on the final children: median {statistics.median(pred) if pred else float('nan'):.0f} %, "
     f"max {max(pred) if pred else float('nan'):.0f} %.",
 ]
-
-if args.accuracy:
-    require_fashion_mnist()
-    parent = base / "fmnist" / "parent"
-    compress("finetune", "--model", "resnet20", "--data", "fashion-mnist", "--data-dir", FMNIST, "--train-size", 10000,
-             "--test-size", 2000, "--epochs", 8, "--optimizer", "sgd", "--lr", 0.05, "--lr-schedule", "cosine",
-             "--out", parent, "--overwrite", "-q", log=log, done=(parent / "model.json").exists())
-    acc_rows = []
-    for t in (1.5, 2.0):
-        la, un = [], []
-        for seed in (0, 1, 2):
-            d = base / "fmnist" / f"x{t}_s{seed}"
-            compress("prune", "--model", parent, "--metric", "taylor", "--calib-size", 512, "--target-speedup", t,
-                     "--latency-batch", 32, "--latency-cache", base / "cache", "--seed", seed, "--out", d / "la",
-                     "--overwrite", "-q", log=log)
-            achieved = load(d / "la" / "model.json")["metrics"]["latency"]["measured_speedup"]
-            # uniform sparsity reaching the same measured speedup: bisection on the sparsity
-            lo_s, hi_s, best = 0.05, 0.9, None
-            for _ in range(6):
-                s = round((lo_s + hi_s) / 2, 3)
-                compress("prune", "--model", parent, "--metric", "taylor", "--calib-size", 512, "--sparsity", s,
-                         "--seed", seed, "--out", d / "uni", "--overwrite", "-q", log=log)
-                compress("profile", d / "uni", "--baseline", parent, "--backend", "onnxruntime", "--batch-sizes", 32,
-                         "--rounds", 7, "--json", d / "uni.json", "--overwrite", "-q", "--no-energy", log=log)
-                got = [r for r in load(d / "uni.json")["results"] if r["speedup"]][0]["speedup"]["median"]
-                best = (s, got) if best is None or abs(got - achieved) < abs(best[1] - achieved) else best
-                lo_s, hi_s = (s, hi_s) if got < achieved else (lo_s, s)
-            compress("prune", "--model", parent, "--metric", "taylor", "--calib-size", 512, "--sparsity", best[0],
-                     "--seed", seed, "--out", d / "uni", "--overwrite", "-q", log=log)
-            for kind, res in (("la", la), ("uni", un)):
-                compress("finetune", d / kind, "--epochs", 3, "--optimizer", "sgd", "--lr", 0.01, "--lr-schedule", "cosine",
-                         "--seed", seed, "--out", d / f"{kind}_ft", "--overwrite", "-q", log=log)
-                res.append((load(d / f"{kind}_ft" / "model.json")["metrics"]["top1"], achieved if kind == "la" else best[1]))
-        mean = lambda xs: statistics.mean(x[0] for x in xs)  # noqa: E731
-        sd = lambda xs: statistics.stdev(x[0] for x in xs)  # noqa: E731
-        acc_rows.append([f"{t:g}x", f"{mean(la):.2f} ± {sd(la):.2f}", f"{mean(un):.2f} ± {sd(un):.2f}",
-                         ", ".join(f"{x[1]:.2f}x" for x in la), ", ".join(f"{x[1]:.2f}x" for x in un)])
-    body += ["", "### Accuracy at matched measured speedup (Fashion-MNIST, ResNet-20, batch 32)", "",
-             "Parent: ResNet-20 trained 8 epochs on 10,000 Fashion-MNIST images; test top-1 on 2,000 held-out test images. "
-             "Both children ranked by Taylor importance, fine-tuned 3 epochs (SGD 0.01, cosine), seeds 0-2 (mean ± sd). "
-             "The uniform sparsity is found by bisection to match the latency-aware child's measured speedup.", "",
-             md_table(["target", "latency-aware top-1", "uniform top-1", "latency-aware speedups", "uniform speedups"], acc_rows)]
 
 write_section("latency_aware", "Latency-aware pruning: achieved vs target speedup (issue 14)", "\n".join(body), log, started)

@@ -9,11 +9,24 @@ import typer
 
 from compressor import atomic
 from orchestration.compare import CompareConfig, run
+from orchestration.latency_prune import LatencyTarget
+from orchestration.speed_matched import run as run_matched
+from profilers.layer_latency import LayerLatency, default_cache_dir
 from compressor.errors import UserError
 from compressor.workflows import Source, dataset_for, get_model, keep_holdout, parse_model_args, pick_device
 
 from . import common as c
 from .output import emit, out as console_out
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard must be I/N, e.g. 0/4 (got {text})") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise UserError(f"--shard {text}: need 0 <= I < N")
+    return i, n
 
 
 def compare(
@@ -50,13 +63,29 @@ def compare(
     calib_size: c.CalibSize = 3000,
     seed: c.Seed = 0,
     device: c.Device = "auto",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped grid; finished cells are kept.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped grid; finished cells are kept (also gathers the cells of --shard runs into the tables).")] = False,
+    target_speedups: Annotated[Optional[str], typer.Option(help="Comma list, e.g. 1.5,2,3: instead of --sparsities, for each metric and target a latency-aware child (prune --target-speedup) and a uniform one whose sparsity is searched to reach the same measured speedup; both fine-tuned alike.")] = None,
+    latency_backend: Annotated[str, typer.Option(help="--target-speedups: onnxruntime, openvino or torch.")] = "onnxruntime",
+    latency_device: Annotated[str, typer.Option(help="--target-speedups: cpu; cuda (torch); gpu or npu (openvino).")] = "cpu",
+    latency_batch: Annotated[int, typer.Option(help="--target-speedups: batch size the speedups are measured at.")] = 1,
+    latency_cache: Annotated[Optional[Path], typer.Option(help="--target-speedups: directory of measured layer tables (default ~/.cache/compress/latency).")] = None,
+    latency_rounds: Annotated[int, typer.Option(help="--target-speedups: interleaved rounds of each measurement.")] = 9,
+    latency_iterations: Annotated[int, typer.Option(help="--target-speedups: plan, prune and measure attempts of each latency-aware child.")] = 3,
+    shard: Annotated[Optional[str], typer.Option(help="I/N: run only every N-th cell from the I-th (0-based), e.g. one Slurm array task each; then gather with --resume.")] = None,
     overwrite: c.Overwrite = False,
     quiet: c.Quiet = False,
     config: c.Config = None,
 ):
     """Run every metric x sparsity from one parent, fine-tune each, measure its speedup; write tables (Markdown/CSV/JSON) and plots."""
-    if out_dir.exists() and not resume and not overwrite:
+    part = _parse_shard(shard) if shard is not None else None
+    targets = c.csv_list(target_speedups, float, "--target-speedups") if target_speedups is not None else None
+    if targets is not None and part is not None:
+        raise UserError("--shard splits a --sparsities grid; --target-speedups runs in one process")
+    if part is not None and overwrite:
+        raise UserError("--overwrite with --shard would delete the other shards' cells; remove the grid yourself")
+    if part is not None and out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "compare.json").is_file():
+        raise UserError(f"{out_dir} is not a compare run (no compare.json)")
+    if out_dir.exists() and not resume and not overwrite and part is None:
         raise UserError(f"output {out_dir} already exists (--resume to continue it, --overwrite to replace it)")
     if resume and out_dir.exists() and not (out_dir / "compare.json").is_file():
         raise UserError(f"{out_dir} is not a compare run (no compare.json)")
@@ -79,6 +108,18 @@ def compare(
         raise UserError("--profile-backend must be onnxruntime, torch or none")
     cfg.validate()
     atomic.check_output_path(out_dir, True)
-    run(lm, ds, cfg, out_dir, resume=resume, device=dev, reporter=c.reporter(quiet))
+    if targets is not None:
+        lat = LatencyTarget(targets[0] if targets else None, None, latency_backend, latency_device, latency_batch, None,
+                            latency_cache or default_cache_dir(), latency_rounds, latency_iterations)
+        LayerLatency(latency_backend, latency_device, latency_batch, None, None)  # refuses a bad backend/device/batch
+        run_matched(lm, ds, cfg, lat, targets, out_dir, resume=resume, device=dev, reporter=c.reporter(quiet))
+        emit((out_dir / "table.md").read_text())
+        console_out.print(f"wrote {out_dir}/table.md, table.json")
+        return
+    doc = run(lm, ds, cfg, out_dir, resume=resume, device=dev, reporter=c.reporter(quiet), shard=part)
+    if part is not None:
+        console_out.print(f"shard {part[0]}/{part[1]}: {len(doc['cells'])} cells in {out_dir}/cells; when every shard has "
+                          f"finished, gather them with the same command, --resume and no --shard")
+        return
     emit((out_dir / "table.md").read_text())
     console_out.print(f"wrote {out_dir}/table.md, table.csv, table.json, accuracy_vs_flops.png, speedup_vs_flops.png")

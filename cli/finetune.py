@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 from pathlib import Path
 from typing import Annotated, Optional
@@ -9,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from compressor import atomic
+from compressor import atomic, distributed, provenance
 from compressor.data import DataSpec, load_dataset
 from compressor.errors import UserError
 from compressor.modeldir import CHECKPOINT_DIR, SPEC, write_model_files
@@ -81,6 +82,7 @@ def finetune(
     device: c.Device = "auto",
     holdout: Annotated[Optional[float], typer.Option(help="Keep this share of the training split out of training (class-balanced, the same images every run), recorded in model.json: descendants never train on it, and prune auto's CKA and --min-accuracy use it as unseen data. Default: the model's recorded share, else none.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last complete epoch.")] = False,
+    nproc: Annotated[int, typer.Option(help="Data-parallel processes on this machine (PyTorch DDP through torchrun: NCCL on GPUs, one GPU each; gloo on CPUs, the cores shared). --batch-size stays the global batch. Under torchrun, leave it at 1.")] = 1,
     overwrite: c.Overwrite = False,
     quiet: c.Quiet = False,
     config: c.Config = None,
@@ -88,13 +90,16 @@ def finetune(
     """Fine-tune a model directory (or train a model name from scratch), checkpointing every epoch."""
     if out_dir is None:
         raise UserError("--out is required")
+    _launch_if_asked(nproc, batch_size, out_dir, resume, overwrite)
     if (directory is None) == (model is None):
         raise UserError("give either a model DIRECTORY or --model NAME, not both or neither")
     if distill and directory is None and model is not None and not Path(model).exists():
         raise UserError("--distill needs a trained parent (a model directory)")
-    resuming = _prepare_out(out_dir, resume, overwrite)
+    resuming = _prepare_out(out_dir, resume, overwrite)  # reads the disk only: every process decides the same
     atomic.check_output_path(out_dir, True)
-    dev = pick_device(device)
+    world, dev = distributed.init(pick_device(device))
+    if not world.main:
+        quiet = True
     src = Source(str(directory or model), checkpoint, pretrained, trust_pickle, parse_model_args(model_arg), input_size, num_classes, seed)
     ds = dataset_for(data, data_dir, train_size, test_size, download, holdout=holdout)
     lm = get_model(src, ds)
@@ -110,10 +115,7 @@ def finetune(
                          bn_l1=bn_l1, distill_temperature=distill_temperature, distill_weight=distill_weight, amp=amp,
                          channels_last=channels_last, compile=compile, loader=loader, workers=workers, seed=seed,
                          dataset=ds.spec.name, device=dev)
-    if overwrite and out_dir.exists():
-        shutil.rmtree(out_dir)
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    created = _make_out(out_dir, overwrite, world)
     from compressor.workflows import measure
 
     before = measure(lm.model, lm.record.input, ds, dev) if directory is not None else None
@@ -125,9 +127,12 @@ def finetune(
                       f"re-run the same command with --resume to continue")
         raise typer.Exit(130)
     except UserError:
-        if created:  # a run that failed (diverged, bad data) leaves nothing worth resuming
+        if created and world.main:  # a run that failed (diverged, bad data) leaves nothing worth resuming
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
+    if not world.main:
+        distributed.finish()
+        return
     atomic.write_json(out_dir / "history.json", result.history)
     write_model_files(out_dir, model_out, rec)
     _print_history(result.history)
@@ -137,7 +142,48 @@ def finetune(
     out.print(f"{len(result.history)} epochs, {result.wall_s:.1f} s this run"
               + (f" (resumed after epoch {result.resumed_from})" if result.resumed_from else "")
               + (f"; {last.get('images_per_s')} images/s, {100 * (last.get('data_wait_share') or 0):.1f}% of the time waiting for data" if last else "")
+              + (f"; {world.size} processes (DDP)" if world.size > 1 else "")
               + f"; wrote {out_dir}")
+    distributed.finish()
+
+
+def _launch_if_asked(nproc: int, batch_size: int, out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """--nproc N > 1: refuse what every process would refuse, then run this command as N processes."""
+    if nproc < 1:
+        raise UserError("--nproc must be >= 1")
+    if nproc == 1:
+        return
+    if distributed.launched():
+        raise UserError("--nproc starts its own processes; under torchrun leave it out")
+    if batch_size % nproc:
+        raise UserError(f"--batch-size {batch_size} must be a multiple of --nproc {nproc} (it is the global batch)")
+    _prepare_out(out_dir, resume, overwrite)
+    atomic.check_output_path(out_dir, True)
+    raise typer.Exit(distributed.launch(_without_nproc(shlex.split(provenance.command())[1:]), nproc))
+
+
+def _make_out(out_dir: Path, overwrite: bool, world) -> bool:
+    """Process 0 (re)creates the output directory while the others wait; whether it was created now."""
+    created = not out_dir.exists()
+    if world.main:
+        if overwrite and out_dir.exists():
+            shutil.rmtree(out_dir)
+            created = True
+        out_dir.mkdir(parents=True, exist_ok=True)
+    world.barrier()
+    return created
+
+
+def _without_nproc(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
 
 def _print_history(history: list[dict]) -> None:

@@ -99,3 +99,7 @@ def main() -> None:
     if hasattr(signal, "SIGXFSZ"):  # a file-size limit then fails the write (EFBIG) instead of killing us
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

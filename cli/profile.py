@@ -19,9 +19,9 @@ from .output import emit
 
 
 def profile(
-    targets: Annotated[list[str], typer.Argument(help="Model directories, .onnx files, .engine files, or a compare run directory.")],
+    targets: Annotated[list[str], typer.Argument(help="Model directories, .onnx files, .engine files, OpenVINO IR directories, or a compare run directory.")],
     baseline: Annotated[Optional[str], typer.Option(help="The parent to measure speedups against (a compare run uses its parent).")] = None,
-    backend: Annotated[str, typer.Option(help="Comma list of torch, onnxruntime, tensorrt.")] = "onnxruntime",
+    backend: Annotated[str, typer.Option(help="Comma list of torch, onnxruntime, tensorrt, openvino.")] = "onnxruntime",
     device: Annotated[str, typer.Option(help="cpu, cuda, or auto (cuda where available).")] = "cpu",
     batch_sizes: Annotated[str, typer.Option(help="Comma list of batch sizes.")] = "1,32",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (emulate a smaller CPU).")] = None,
@@ -38,6 +38,8 @@ def profile(
     include_transfers: Annotated[bool, typer.Option("--include-transfers", help="GPU: time host-device copies too.")] = False,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="torch on CUDA: replay a captured CUDA graph.")] = False,
     ort_provider: Annotated[Optional[str], typer.Option(help="onnxruntime: cpu, cuda or tensorrt execution provider (default: --device).")] = None,
+    ov_device: Annotated[str, typer.Option(help="openvino: cpu, gpu or npu (where OpenVINO reports it).")] = "cpu",
+    inference_precision: Annotated[str, typer.Option(help="openvino: f32, bf16 or f16; pinned and recorded in every row (OpenVINO's CPU plugin would otherwise pick bf16 on CPUs that have it).")] = "f32",
     breakdown: Annotated[bool, typer.Option("--breakdown", help="Top operators by time for each target.")] = False,
     reference_models: Annotated[Optional[list[str]], typer.Option("--reference", help="Stock model name to add to the table (repeatable).")] = None,
     assert_speedup: Annotated[Optional[float], typer.Option(help="Fail unless every child is at least this much faster.")] = None,
@@ -56,7 +58,8 @@ def profile(
     settings = Settings(backends=tuple(c.csv_list(backend)), device=device, batch_sizes=tuple(c.csv_list(batch_sizes, int, "--batch-sizes")),
                         threads=threads, rounds=rounds, warmup=warmup, min_iters=min_iters, min_time_s=min_time, energy=energy,
                         energy_window_s=energy_window, idle_s=idle_window, energy_estimate_w=energy_estimate,
-                        include_transfers=include_transfers, cuda_graphs=cuda_graphs, ort_provider=ort_provider, breakdown=breakdown)
+                        include_transfers=include_transfers, cuda_graphs=cuda_graphs, ort_provider=ort_provider, breakdown=breakdown,
+                        ov_device=ov_device, inference_precision=inference_precision)
     settings.validate()
     g = gates_mod.Gates(assert_speedup, assert_realised, max_latency_ms, against, gates_mod.parse_tolerance(max_regression),
                         None if gate_batch_sizes is None else tuple(c.csv_list(gate_batch_sizes, int, "--gate-batch-sizes")))

@@ -10,7 +10,7 @@ import typer
 
 from compressor import atomic
 from compressor.errors import UserError
-from compressor.importance import KL_DEFAULT, METRICS, check_kl_direction
+from compressor.importance import KL_DEFAULT, METRICS, REGISTRY, check_kl_direction
 from compressor.layers import LAYER_METRICS, find_blocks
 from compressor.modeldir import LoadedModel, load_model_dir, save_model_dir, write_model_files
 from compressor.models import is_vit
@@ -51,8 +51,8 @@ def prune(
     kl_direction: c.KlDirection = KL_DEFAULT,
     target_speedup: Annotated[Optional[float], _lat("choose every layer's width for this measured speedup on the latency backend (instead of --sparsity).")] = None,
     target_latency_ms: Annotated[Optional[float], _lat("a latency budget in ms instead of --target-speedup.")] = None,
-    latency_backend: Annotated[str, _lat("onnxruntime or torch.")] = "onnxruntime",
-    latency_device: Annotated[str, _lat("cpu, or cuda (torch).")] = "cpu",
+    latency_backend: Annotated[str, _lat("onnxruntime, openvino (f32) or torch.")] = "onnxruntime",
+    latency_device: Annotated[str, _lat("cpu; cuda (torch); gpu or npu (openvino).")] = "cpu",
     latency_batch: Annotated[int, _lat("batch size the latency is measured at.")] = 1,
     latency_cache: Annotated[Optional[Path], _lat("directory of measured layer tables, reused across runs (default ~/.cache/compress/latency).")] = None,
     latency_rounds: Annotated[int, _lat("interleaved parent/child rounds of each whole-model measurement.")] = 9,
@@ -62,7 +62,9 @@ def prune(
     checkpoint: c.Checkpoint = None, pretrained: c.Pretrained = False, trust_pickle: c.TrustPickle = False,
     model_arg: c.ModelArg = None, input_size: c.InputSize = None, num_classes: c.NumClasses = None,
     data: c.Data = None, data_dir: c.DataDir = None, train_size: c.TrainSize = None, test_size: c.TestSize = None,
-    download: c.Download = False, calib_size: c.CalibSize = 3000, seed: c.Seed = 0, device: c.Device = "auto",
+    download: c.Download = False,
+    calib_size: Annotated[Optional[int], typer.Option(help="Class-balanced calibration images from the training split (taylor, kl, greedy); default per metric: kl 256 (Luo & Wu), others 3000.")] = None,
+    seed: c.Seed = 0, device: c.Device = "auto",
     overwrite: c.Overwrite = False, quiet: c.Quiet = False, config: c.Config = None,
 ):
     """Remove channels (CNN) or attention heads and FFN neurons (ViT): at a sparsity, or at a measured speedup.
@@ -74,6 +76,9 @@ def prune(
             raise UserError(f"{given[0]} goes after `prune {ctx.invoked_subcommand}`, not before it")
         return
     model, out_dir = _required(model, out_dir)
+    if calib_size is None:
+        used = [REGISTRY[m] for m in {metric, ffn_metric} if m in REGISTRY and REGISTRY[m].needs_data]
+        calib_size = max((m.calib_default for m in used), default=3000)
     cfg = WidthConfig(metric=metric, sparsity=sparsity, scope=tuple(c.csv_list(scope)), ffn_metric=ffn_metric,
                       global_ranking=global_ranking, round_to=round_to, seed=seed, greedy_step=greedy_step,
                       kl_direction=kl_direction)

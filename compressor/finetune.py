@@ -7,6 +7,7 @@ of epoch e-1 reproduces an uninterrupted run exactly on CPU.
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 import hashlib
 import json
 import math
@@ -18,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import atomic
+from . import atomic, distributed
 from .data import Batches, ImageSet, InputSpec
 from .data.augment import AUGMENTATIONS
 from .errors import UserError
@@ -98,6 +99,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     wall_s: float = 0.0
     resumed_from: int = 0
+    ranks_identical: bool | None = None  # data parallel: all processes ended with the same weights
 
 
 def default_augment(dataset: str) -> tuple[str, ...]:
@@ -155,8 +157,14 @@ def load_checkpoint(path: Path) -> dict:
 def train(model: nn.Module, train_set: ImageSet, test_set: ImageSet | None, spec: InputSpec, cfg: TrainConfig, *,
           device: str | torch.device = "cpu", run_dir: Path | None = None, resume: bool = False,
           teacher: nn.Module | None = None, reporter: Reporter = QUIET, label: str = "train") -> TrainResult:
-    """Train `model` in place for cfg.epochs; checkpoints go to run_dir/checkpoints/last.pt."""
+    """Train `model` in place for cfg.epochs; checkpoints go to run_dir/checkpoints/last.pt. Inside a
+    torch.distributed process group (compressor.distributed) it trains data-parallel: every process a
+    slice of each global batch of cfg.batch_size, gradients averaged, process 0 writing checkpoints."""
     cfg.validate()
+    world = distributed.current()
+    if world.size > 1 and (cfg.batch_size % world.size or len(train_set) < cfg.batch_size):
+        raise UserError(f"`batch_size` {cfg.batch_size} must be a multiple of the {world.size} processes and at most "
+                        f"the {len(train_set)} training images")
     device = torch.device(device)
     model.to(device)
     if cfg.channels_last:
@@ -178,16 +186,19 @@ def train(model: nn.Module, train_set: ImageSet, test_set: ImageSet | None, spec
         reporter.log(f"resuming {label} after epoch {start}")
     if teacher is not None:
         teacher.to(device).eval()
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model: Any = model
+    if world.size > 1:  # broadcasts process 0's weights and buffers, then averages gradients every step
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = torch.compile(step_model) if cfg.compile else step_model
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp and device.type == "cuda" else contextlib.nullcontext()
     t_all = time.perf_counter()
     with reporter.task(label, max(cfg.epochs - start, 0)) as advance_epoch:
         for epoch in range(start, cfg.epochs):
             torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout and any other global draws
             batches = Batches(train_set, spec, cfg.batch_size, shuffle=True, augment_ops=cfg.augment, seed=cfg.seed,
-                              epoch=epoch, device=device, drop_last=len(train_set) > cfg.batch_size,
+                              epoch=epoch, device=device, drop_last=len(train_set) > cfg.batch_size or world.size > 1,
                               workers=cfg.workers if cfg.loader == "dataloader" else 0,
-                              channels_last=cfg.channels_last)
+                              channels_last=cfg.channels_last, shard=(world.rank, world.size))
             if cfg.loader == "dataloader" and train_set.images is not None:
                 batches.force_loader()  # the per-image path, for comparison
             model.train()
@@ -208,7 +219,8 @@ def train(model: nn.Module, train_set: ImageSet, test_set: ImageSet | None, spec
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    loss_value = loss.item()
+                    # The mean over the processes: every one takes the same decision below.
+                    loss_value = world.sum([loss.item()], device)[0] / world.size
                     if not math.isfinite(loss_value):
                         raise UserError(f"training diverged at epoch {epoch + 1} (loss {loss_value}); lower `lr`")
                     seen += y.numel()
@@ -218,12 +230,17 @@ def train(model: nn.Module, train_set: ImageSet, test_set: ImageSet | None, spec
             if device.type == "cuda":
                 torch.cuda.synchronize()
             train_s = time.perf_counter() - t0
+            if world.size > 1:
+                seen_f, loss_f, correct_f = world.sum([seen, loss_sum, correct], device)
+                seen, loss_sum, correct = int(seen_f), loss_f, int(correct_f)
             lr = opt.param_groups[0]["lr"]
             sched.step()
             row = {"epoch": epoch + 1, "lr": lr, "train_loss": round(loss_sum / max(seen, 1), 5),
                    "train_top1": round(100.0 * correct / max(seen, 1), 3), "train_s": round(train_s, 3),
                    "images_per_s": round(seen / train_s, 1) if train_s > 0 else None,
                    "data_wait_share": round(batches.wait_s / train_s, 4) if train_s > 0 else None}
+            if world.size > 1:  # BatchNorm statistics ran on each process's slice: keep process 0's, as DDP does
+                world.broadcast_buffers(model)
             if test_set is not None:
                 ev = evaluate(model, test_set, spec, cfg.eval_batch, device)
                 row.update({"top1": ev["top1"], "top5": ev["top5"], "test_loss": ev["loss"]})
@@ -232,9 +249,24 @@ def train(model: nn.Module, train_set: ImageSet, test_set: ImageSet | None, spec
                 what = f"non-finite weights in {bad[0]}" if bad else f"test loss {row['test_loss']}"
                 raise UserError(f"training diverged at epoch {epoch + 1} ({what}); lower `lr`; nothing written")
             result.history.append(row)
-            if ckpt_path is not None:
+            if ckpt_path is not None and world.main:
                 _save_checkpoint(ckpt_path, epoch + 1, model, opt, sched, result.history, cfg.fingerprint())
+            world.barrier()  # nobody runs ahead of a checkpoint it might resume from
             advance_epoch(info=f"top1 {row.get('top1', '-')}  {row['images_per_s']} img/s  data wait {100 * row['data_wait_share']:.0f}%")
     result.wall_s = time.perf_counter() - t_all
+    if world.size > 1:
+        result.ranks_identical = _same_everywhere(model, world, device)
+        if not result.ranks_identical:
+            raise UserError("the processes' weights differ after training (a data-parallel bug); nothing written")
     model.eval()
     return result
+
+
+def _same_everywhere(model: nn.Module, world, device) -> bool:
+    """Every process holds the same weights and buffers (the sum of squared differences from process 0's is 0)."""
+    import torch.distributed as dist
+
+    flat = torch.cat([t.detach().double().flatten() for t in model.state_dict().values() if t.is_floating_point()])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    return world.sum([float((flat - ref).pow(2).sum())], device)[0] == 0.0

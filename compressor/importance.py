@@ -9,6 +9,7 @@ so they are computed here and handed to torch-pruning through its Importance int
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,6 +21,7 @@ import torch_pruning as tp
 from .data import Batches, ImageSet, InputSpec
 from .errors import UserError
 from .progress import QUIET, Reporter
+from . import masked_eval
 from .structures import PRODUCER_FNS, GroupInfo, Masks, execution_order, group_key
 
 _WEIGHTED = [nn.modules.conv._ConvNd, nn.Linear]
@@ -45,6 +47,7 @@ class Metric:
     needs_batchnorm: bool = False
     library: Callable[[bool], tp.importance.Importance] | None = None
     scores: Callable[..., dict] | None = None
+    calib_default: int = 3000  # calibration images when none are asked for (Molchanov et al.'s Taylor: 3,000)
 
 
 def _greedy(model, infos, calib, spec, batch, device, reporter, *, greedy_step=1, **_):
@@ -86,7 +89,7 @@ REGISTRY: dict[str, Metric] = {m.name: m for m in (
     Metric("bn-scale", needs_batchnorm=True,  # network slimming (Liu et al. 2017)
            library=lambda g: tp.importance.BNScaleImportance(group_reduction="sum", normalizer=_norm(g))),
     Metric("output-norm-greedy", needs_data=True, scores=_greedy),  # Lajić et al.
-    Metric("kl", needs_data=True, scores=_kl_metric),  # Luo & Wu 2020
+    Metric("kl", needs_data=True, scores=_kl_metric, calib_default=256),  # Luo & Wu 2020 (256 images)
 )}
 METRICS = tuple(REGISTRY)
 
@@ -158,28 +161,88 @@ def kl_divergence(model: nn.Module, batches: Batches, base: list[torch.Tensor], 
 
 
 def kl_scores(model: nn.Module, infos: list[GroupInfo], calib: ImageSet, spec: InputSpec, batch_size: int,
-              device, reporter: Reporter = QUIET, direction: str = KL_DEFAULT) -> dict[tuple[int, str], torch.Tensor]:
+              device, reporter: Reporter = QUIET, direction: str = KL_DEFAULT,
+              fast: bool = True) -> dict[tuple[int, str], torch.Tensor]:
     """KL between the parent without the unit and the parent, on the calibration set, per unit (Luo & Wu 2020);
     `direction` child-parent (the papers' code, default) or parent-child.
 
     Computed from logits (log-softmax once); do Nascimento et al.'s release applies softmax twice, we do not.
+    fast: the network before each group runs once per batch and the units of a group are evaluated side
+    by side (compressor.masked_eval); each group's first unit is also scored the plain way and a
+    disagreement falls back to one pass per unit.
     """
     check_kl_direction(direction)
     model.eval()
-    batches = _batches(calib, spec, batch_size, device)
+    batches = _materialise(_batches(calib, spec, batch_size, device))
+    t0 = time.perf_counter()
     base = log_probs(model, batches)
+    pass_s = time.perf_counter() - t0
+    gm = masked_eval.trace(model) if fast else None
     out = {}
-    total = sum(i.n_units for i in infos)
-    with reporter.task("kl: scoring structures", total) as advance, Masks() as masks:
+    units = sum(i.n_units for i in infos)
+    total = units * len(base)
+    if reporter.enabled:  # before a long run, say how long at most (one full pass per unit; the fast path skips prefixes)
+        reporter.log(f"kl: {units} units x {len(calib)} calibration images: at most {units} forward passes of "
+                     f"{pass_s:.2f} s (~{units * pass_s / 60:.1f} min)" + ("; each group's prefix runs once" if gm is not None else ""))
+    with reporter.task("kl: scoring structures (unit x batch)", total) as advance, Masks() as masks:
         for info in infos:
-            scores = torch.zeros(info.n_units)
-            for u in range(info.n_units):
-                masks.set(info, info.unit_dims(u), 0.0)
-                scores[u] = kl_divergence(model, batches, base, direction)
-                masks.set(info, info.unit_dims(u), 1.0)
-                advance()
-            out[info.key] = scores.repeat_interleave(info.unit_size)
+            scores = _kl_group_fast(gm, info, batches, base, direction, advance, masks) if gm is not None else None
+            if scores is None:
+                scores = torch.zeros(info.n_units)
+                for u in range(info.n_units):
+                    masks.set(info, info.unit_dims(u), 0.0)
+                    scores[u] = kl_divergence(model, batches, base, direction)
+                    masks.set(info, info.unit_dims(u), 1.0)
+                    advance(len(base))
+            out[info.key] = scores.float().repeat_interleave(info.unit_size)
     return out
+
+
+def _materialise(batches: Batches, limit_bytes: int = 1 << 30):
+    """The calibration batches preprocessed once (every unit reads them again), within a memory limit."""
+    kept, size = [], 0
+    for x, y in batches:
+        size += x.numel() * x.element_size()
+        if size > limit_bytes:
+            return batches
+        kept.append((x, y))
+    return kept
+
+
+def _kl(lq: torch.Tensor, lp: torch.Tensor, direction: str) -> torch.Tensor:
+    """Summed KL over images and classes, per leading row; lq (k, B, C), lp (B, C), both log-probabilities."""
+    if direction == "child-parent":
+        return (lq.exp() * (lq - lp)).sum((1, 2))
+    return (lp.exp() * (lp - lq)).sum((1, 2))
+
+
+@torch.no_grad()
+def _kl_group_fast(gm, info: GroupInfo, batches, base: list[torch.Tensor], direction: str, advance,
+                   masks: Masks) -> torch.Tensor | None:
+    try:
+        ev = masked_eval.MaskedEvaluator(gm, info)
+    except (StopIteration, LookupError):
+        return None
+    totals = torch.zeros(info.n_units, dtype=torch.float64)
+    n = 0
+    try:
+        for (x, _), lp in zip(batches, base):
+            env, per_sample = ev.prefix_values(x)
+            for units in ev.chunks(info.n_units, per_sample, x.shape[0]):
+                lq = F.log_softmax(ev.outputs(env, x.shape[0], units).float(), dim=2)
+                totals[units] += _kl(lq, lp, direction).double()
+                advance(len(units))
+            n += x.shape[0]
+    except (RuntimeError, TypeError, ValueError):  # a graph the cut does not fit (shapes): one pass per unit
+        return None
+    scores = totals / max(n, 1)
+    # The check: unit 0 the plain way (one pass); a mismatch means the cut is wrong for this model.
+    masks.set(info, info.unit_dims(0), 0.0)
+    plain = kl_divergence(gm, batches, base, direction)
+    masks.set(info, info.unit_dims(0), 1.0)
+    if not abs(float(scores[0]) - plain) <= 1e-4 * abs(plain) + 1e-6:
+        return None
+    return scores
 
 
 class _Enough(Exception):
@@ -187,8 +250,9 @@ class _Enough(Exception):
 
 
 @torch.no_grad()
-def _output_energy(model: nn.Module, info: GroupInfo, batches: Batches) -> torch.Tensor:
-    """Sum of squares, per root index, of what the group's consumers receive (the structure's output)."""
+def _output_energy(model: nn.Module, info: GroupInfo, batches) -> torch.Tensor:
+    """Sum of squares, per root index, of what the group's consumers receive (the structure's output).
+    `batches`: calibration batches, or a masked_eval.CachedPrefix that replays only the group's part."""
     energy = torch.zeros(info.n_dims, dtype=torch.float64)
     pending: set[int] = set()
 
@@ -204,11 +268,12 @@ def _output_energy(model: nn.Module, info: GroupInfo, batches: Batches) -> torch
             raise _Enough
 
     handles = [c.module.register_forward_pre_hook(hook) for c in {id(c.module): c for c in info.consumers}.values()]
+    cached = isinstance(batches, masked_eval.CachedPrefix)
     try:
-        for x, _ in batches:
+        for i, item in enumerate(range(len(batches)) if cached else batches):
             pending.update(id(c.module) for c in info.consumers)
             try:
-                model(x)
+                batches.run(i) if cached else model(item[0])
             except _Enough:
                 pass
     finally:
@@ -219,7 +284,7 @@ def _output_energy(model: nn.Module, info: GroupInfo, batches: Batches) -> torch
 
 def greedy_output_norm_scores(model: nn.Module, infos: list[GroupInfo], calib: ImageSet, spec: InputSpec,
                               batch_size: int, device, step: int = 1,
-                              reporter: Reporter = QUIET) -> dict[tuple[int, str], torch.Tensor]:
+                              reporter: Reporter = QUIET, fast: bool = True) -> dict[tuple[int, str], torch.Tensor]:
     """Lajić et al.'s greedy criterion: repeatedly remove the unit whose output has the lowest norm on the
     calibration set, recomputing after each removal, with every earlier removal in place.
 
@@ -228,17 +293,21 @@ def greedy_output_norm_scores(model: nn.Module, infos: list[GroupInfo], calib: I
     one-at-a-time removal reaches). Residual-coupled groups are re-evaluated every `step` removals.
     """
     model.eval()
-    batches = _batches(calib, spec, batch_size, device)
+    batches = _materialise(_batches(calib, spec, batch_size, device))
     x0 = next(iter(batches))[0][:1]
     ordered = execution_order(model, [i for i in infos if i.n_remove > 0], x0)
+    gm = masked_eval.trace(model) if fast else None
     passes = sum(1 if i.independent else -(-i.n_remove // max(1, step)) for i in ordered)
     out = {}
     with reporter.task("output-norm-greedy: forward passes", passes) as advance, Masks() as masks:
         for info in ordered:
             removed: list[int] = []
             norms = None
+            # Passes of one group differ only at its consumers: what enters them is computed once (the
+            # masks of groups already done are in place and stay so while this group is scored).
+            source = _cached_prefix(gm, info, batches) if gm is not None and not info.independent else batches
             while len(removed) < info.n_remove:
-                energy = _output_energy(model, info, batches)
+                energy = _output_energy(model, info, source)
                 norms = energy.view(info.n_units, info.unit_size).sum(1).sqrt()
                 left = [u for u in torch.argsort(norms).tolist() if u not in removed]
                 k = info.n_remove - len(removed) if info.independent else min(max(1, step), info.n_remove - len(removed))
@@ -253,6 +322,14 @@ def greedy_output_norm_scores(model: nn.Module, infos: list[GroupInfo], calib: I
                 score[u] = rank
             out[info.key] = score.float().repeat_interleave(info.unit_size)
     return out
+
+
+def _cached_prefix(gm, info: GroupInfo, batches):
+    """The group's cached prefix, or the plain batches where the cut does not apply or memory is short."""
+    try:
+        return masked_eval.CachedPrefix(masked_eval.MaskedEvaluator(gm, info), batches)
+    except (StopIteration, LookupError, MemoryError, RuntimeError, TypeError, ValueError):
+        return batches
 
 
 def check_metric(metric: str) -> None:

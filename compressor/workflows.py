@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .flops import count
 
 from .data import DataSpec, Dataset, InputSpec, load_dataset
@@ -323,6 +324,10 @@ def finetune(lm: LoadedModel, ds: Dataset, cfg: TrainConfig, run_dir: Path | Non
         rec.dataset = ds.spec
     rec.metrics = measure(model, spec, ds, device)
     last = result.history[-1] if result.history else {}
+    world = distributed.current()
+    if world.size > 1:
+        settings = {**(settings or {}), "data_parallel": {"processes": world.size, "backend": distributed.backend(),
+                                                          "ranks_identical": result.ranks_identical}}
     rec.lineage.append(run_info(stage or ("finetune" if lm.path else "train"),
                                 {**(settings or {}), **cfg.to_json(), "distill": distill, "data": ds.spec.to_json()},
                                 None if lm.path is None else str(lm.path),

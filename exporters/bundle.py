@@ -26,7 +26,7 @@ from compressor.errors import GateFailed, UserError
 from compressor.modeldir import LoadedModel
 from compressor.workflows import dataset_for
 
-from .model_export import export_onnx
+from .model_export import export_onnx, export_openvino
 from .precision import TOLERANCE
 
 # Requirements come in matching pairs: a TensorRT wheel and the cuda-python of the same CUDA major. The
@@ -43,6 +43,8 @@ TARGETS = {
                                                                                "numpy>=1.24", "pillow>=10.0"]},
     # JetPack 6 (CUDA 12.2 or 12.6, TensorRT 10.3 from apt: python3-libnvinfer): never pip TensorRT or CUDA 13
     "jetson": {"runtime": "tensorrt", "device": "cuda", "requirements": ["cuda-python>=12.2,<12.7", "numpy>=1.24", "pillow>=10.0"]},
+    # Intel/AMD CPUs through OpenVINO; `openvino` is pinned at build time to the version that wrote and checked the IR
+    "openvino-cpu": {"runtime": "openvino", "device": "cpu", "requirements": ["openvino", "numpy>=1.24", "pillow>=10.0"]},
 }
 SCHEMA = "compress-bundle/1"
 RUN_PY = Path(__file__).with_name("bundle_files") / "run.py"
@@ -79,21 +81,33 @@ def _tar(files: dict[str, bytes], out: Path) -> None:
 
 
 def build(lm: LoadedModel, target: str, out: Path, precision: str = "fp32", samples: int = 8,
-          profile: Callable[[Path], dict] | None = None) -> dict:
-    """`profile(onnx_path)` (from the command, which owns measurement) records the build machine's latency."""
+          profile: Callable[[Path, str], dict] | None = None) -> dict:
+    """`profile(model_file, runtime)` (from the command, which owns measurement) records the build machine's latency."""
     if target not in TARGETS:
         raise UserError(f"`target` must be one of {', '.join(TARGETS)}")
     t = TARGETS[target]
+    runtime, requirements = str(t["runtime"]), list(t["requirements"])
     ds = dataset_for(None, None, None, None, False, lm.record)
     spec = lm.record.input
     files: dict[str, bytes] = {}
+    openvino = runtime == "openvino"
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = Path(tmp) / "model.onnx"
-        rep = export_onnx(lm, onnx_path, precision)
-        files["model.onnx"] = onnx_path.read_bytes()
-        profile_doc = profile(onnx_path) if profile is not None else None
+        if openvino:
+            from .openvino_export import BIN, XML
+
+            rep = export_openvino(lm, Path(tmp) / "ir", precision)
+            rep["opset"] = rep["onnx_opset"]
+            model_file = XML
+            for name in (XML, BIN):
+                files[name] = (Path(tmp) / "ir" / name).read_bytes()
+            requirements[0] = f"openvino=={rep['openvino']}"
+        else:
+            model_file = "model.onnx"
+            rep = export_onnx(lm, Path(tmp) / model_file, precision)
+            files[model_file] = (Path(tmp) / model_file).read_bytes()
+        profile_doc = profile(Path(tmp) / ("ir" if openvino else "") / model_file, runtime) if profile is not None else None
     files["run.py"] = RUN_PY.read_bytes()
-    files["requirements.txt"] = ("\n".join(t["requirements"]) + "\n").encode()
+    files["requirements.txt"] = ("\n".join(requirements) + "\n").encode()
     sample_names: list[str] = []
     if ds is not None and ds.test.images is not None:
         for i in range(min(samples, len(ds.test))):
@@ -104,15 +118,15 @@ def build(lm: LoadedModel, target: str, out: Path, precision: str = "fp32", samp
         "schema": SCHEMA,
         "model": {"arch": lm.record.arch.to_json(), "num_classes": lm.record.num_classes,
                   "lineage": [{k: e.get(k) for k in ("stage", "parent", "time", "settings")} for e in lm.record.lineage]},
-        "model_file": "model.onnx",
+        "model_file": model_file,
         "input": {"name": rep["input"]["name"], "shape": rep["input"]["shape"], "dtype": "float32", "precision": precision},
         "preprocessing": {"shape": [spec.channels, spec.height, spec.width], "mean": list(spec.mean), "std": list(spec.std),
                           "channel_order": "RGB" if spec.channels == 3 else "L", "scale": "pixel/255",
                           "resize": "centred zero padding for a small enlargement, else bilinear"},
         "labels": list(lm.record.labels),
         "metrics": {k: lm.record.metrics.get(k) for k in ("params", "macs", "top1", "top5", "eval_dataset", "eval_split")},
-        "runtime": {"target": target, "name": t["runtime"], "device": t["device"], "requirements": t["requirements"],
-                    "onnx_opset": rep["opset"]},
+        "runtime": {"target": target, "name": runtime, "device": t["device"], "requirements": requirements,
+                    "onnx_opset": rep["opset"], **({"openvino": rep["openvino"], "inference_precision": "f32"} if openvino else {})},
         "files": {},
         "samples": {"files": sample_names, "tolerance": dict(zip(("atol", "rtol", "min_top1_agreement"), TOLERANCE[precision]))},
     }
@@ -126,7 +140,7 @@ def build(lm: LoadedModel, target: str, out: Path, precision: str = "fp32", samp
         if sample_names:
             run = _our_run_py()
             x = np.stack([run.preprocess(root / n, manifest["preprocessing"]) for n in sample_names])
-            logits = run.OnnxRuntimeModel(root / "model.onnx", "cpu")(x)
+            logits = _runtime_model(run, root, manifest)(x)
             manifest["samples"]["expected_logits"] = np.round(logits.astype(np.float64), 6).tolist()
             manifest["samples"]["expected_labels"] = [int(v) for v in logits.argmax(1)]
     manifest["files"] = {name: atomic.sha256_bytes(data) for name, data in sorted(files.items())}
@@ -135,6 +149,21 @@ def build(lm: LoadedModel, target: str, out: Path, precision: str = "fp32", samp
     files["manifest.json"] = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
     _tar(files, out)
     return manifest
+
+
+def _runtime_model(run, root: Path, m: dict):
+    """The bundled model on the CPU through this compress's own run.py classes (never the bundle's code):
+    OpenVINO for an IR, ONNX Runtime for an ONNX graph (also the graph a TensorRT bundle builds from)."""
+    model_file = root / m["model_file"]
+    if m["runtime"]["name"] == "openvino":
+        from .openvino_export import require_openvino
+
+        require_openvino()
+        return run.OpenVINOModel(model_file, "cpu")
+    from exporters.onnx_export import ort_session, run_ort
+
+    session = ort_session(model_file)
+    return lambda x: run_ort(session, x)
 
 
 def _now() -> str:
@@ -220,9 +249,7 @@ def _verify_contents(root: Path, m: dict) -> dict:
             raise GateFailed("manifest.json lists sample images that are not bundle files")
         run = _our_run_py()
         x = np.stack([run.preprocess(root / n, m["preprocessing"]) for n in samples])
-        from exporters.onnx_export import ort_session, run_ort
-
-        got = run_ort(ort_session(root / model_file), x).astype(np.float64)
+        got = _runtime_model(run, root, m)(x).astype(np.float64)
         want = np.asarray(m["samples"]["expected_logits"], dtype=np.float64)
         if got.shape != want.shape:
             raise GateFailed(f"the bundled model gives outputs of shape {got.shape}; the manifest records {want.shape}")
@@ -231,7 +258,7 @@ def _verify_contents(root: Path, m: dict) -> dict:
         diff = float(np.abs(got - want).max())
         agree = float((got.argmax(1) == want.argmax(1)).mean())
         tol = m["samples"]["tolerance"]
-        # Both sides are this graph on ONNX Runtime: only run-to-run and rounding noise is allowed.
+        # Both sides are this graph on the same runtime on a CPU: only run-to-run and rounding noise is allowed.
         limit = 1e-3 + 1e-3 * float(np.abs(want).max())
         if diff > limit or agree < 1.0:
             raise GateFailed(f"sample outputs differ from the recorded ones (max |diff| {diff:.3g}, top-1 agreement {agree:.0%})")

@@ -1,7 +1,9 @@
 """`compress compare`: every metric x sparsity from one parent, in the form of the metric-comparison study's Tables 3 and 5.
 
 Each finished cell writes cell.json; a re-run with --resume skips finished cells and continues an
-interrupted fine-tune from its last epoch.
+interrupted fine-tune from its last epoch. `shard=(i, n)` runs every n-th cell from the i-th, so cluster
+array jobs can share a grid: shards create the skeleton if it is absent (whoever is first), write only
+their own cells, and a final --resume without a shard gathers every cell.json into the tables.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ import csv
 import hashlib
 import io
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,24 +90,67 @@ def _speedup(parent: LoadedModel, child: LoadedModel, cfg: CompareConfig) -> dic
             "parent_p50_ms": next(r for r in doc["results"] if r["target"] == "parent")["latency_ms"]["p50"]}
 
 
-def run(lm: LoadedModel, ds: Dataset, cfg: CompareConfig, out: Path, *, resume: bool, device="cpu",
-        reporter: Reporter = QUIET) -> dict:
-    cfg.validate()
-    spec_path = out / "compare.json"
-    if resume and spec_path.is_file():
-        doc = json.loads(spec_path.read_text())
-        if doc.get("fingerprint") != cfg.fingerprint():
-            raise UserError(f"{out} was started with different settings; use the same flags to resume, or `overwrite`")
-    else:  # the grid's skeleton appears whole (a kill leaves no grid or a resumable one); it replaces an old grid
-        doc = {"fingerprint": cfg.fingerprint(), "settings": cfg.to_json(), "parent": str((out / "parent").resolve()),
-               "dataset": ds.spec.to_json(), "cells": []}
+def skeleton(lm: LoadedModel, ds: Dataset, cfg: CompareConfig, out: Path, replace: bool) -> dict:
+    """The grid's parent and compare.json, appearing whole (a kill leaves no grid or a resumable one).
+    replace=False (shards): only if no grid is there yet; a concurrent shard's skeleton wins and is used."""
+    doc = {"fingerprint": cfg.fingerprint(), "settings": cfg.to_json(), "parent": str((out / "parent").resolve()),
+           "dataset": ds.spec.to_json(), "cells": []}
+    if replace:
         with atomic.staged_dir(out) as tmp:
             save_model_dir(tmp / "parent", lm.model, lm.record)
             atomic.write_json(tmp / "compare.json", doc)
-    parent = load_model_dir(out / "parent")
+        return doc
+    if not (out / "compare.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.shard-"))
+        try:
+            save_model_dir(tmp / "parent", lm.model, lm.record)
+            atomic.write_json(tmp / "compare.json", doc)
+            os.rename(tmp, out)  # fails when another shard's grid is already there (a non-empty directory)
+        except OSError:
+            pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return existing_grid(out, cfg)
+
+
+def existing_grid(out: Path, cfg: CompareConfig) -> dict:
+    try:
+        doc = json.loads((out / "compare.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{out / 'compare.json'} is not readable ({type(e).__name__})") from None
+    if doc.get("fingerprint") != cfg.fingerprint():
+        raise UserError(f"{out} was started with different settings; use the same flags to resume, or `overwrite`")
+    return doc
+
+
+def finished_cells(out: Path, doc: dict) -> dict[str, dict]:
+    """Cells recorded in compare.json or written by any shard (their cell.json is the record)."""
     cells = {c["name"]: c for c in doc.get("cells", [])}
-    grid = [(m, s) for s in cfg.sparsities for m in cfg.metrics]
-    with reporter.task("compare grid", len(grid)) as advance:
+    for p in sorted((out / "cells").glob("*/cell.json")):
+        try:
+            c = json.loads(p.read_text())
+            cells[c["name"]] = c
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            continue  # unreadable: the cell runs again
+    return cells
+
+
+def run(lm: LoadedModel, ds: Dataset, cfg: CompareConfig, out: Path, *, resume: bool, device="cpu",
+        reporter: Reporter = QUIET, shard: tuple[int, int] | None = None) -> dict:
+    cfg.validate()
+    spec_path = out / "compare.json"
+    if shard is not None:
+        doc = skeleton(lm, ds, cfg, out, replace=False)
+    elif resume and spec_path.is_file():
+        doc = existing_grid(out, cfg)
+    else:
+        doc = skeleton(lm, ds, cfg, out, replace=True)
+    parent = load_model_dir(out / "parent")
+    cells = finished_cells(out, doc)
+    full = [(m, s) for s in cfg.sparsities for m in cfg.metrics]
+    grid = full if shard is None else [g for k, g in enumerate(full) if k % shard[1] == shard[0]]
+    with reporter.task("compare grid" if shard is None else f"compare grid, shard {shard[0]}/{shard[1]}", len(grid)) as advance:
         for metric, sparsity in grid:
             name = cell_name(metric, sparsity)
             cdir = out / "cells" / name
@@ -130,10 +178,14 @@ def run(lm: LoadedModel, ds: Dataset, cfg: CompareConfig, out: Path, *, resume: 
                     "images_per_s": result.history[-1]["images_per_s"] if result.history else None, "speedup": speed}
             atomic.write_json(cdir / "cell.json", cell)
             cells[name] = cell
-            doc["cells"] = [cells[cell_name(m, s)] for m, s in grid if cell_name(m, s) in cells]
-            atomic.write_json(spec_path, doc)
+            if shard is None:  # shards never write compare.json: they would overwrite each other's cells
+                doc["cells"] = [cells[cell_name(m, s)] for m, s in full if cell_name(m, s) in cells]
+                atomic.write_json(spec_path, doc)
             advance()
-    doc["cells"] = [cells[cell_name(m, s)] for m, s in grid]
+    if shard is not None:
+        doc["cells"] = [cells[cell_name(m, s)] for m, s in grid]
+        return doc
+    doc["cells"] = [cells[cell_name(m, s)] for m, s in full]
     atomic.write_json(spec_path, doc)
     write_tables(doc, out)
     return doc

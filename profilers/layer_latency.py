@@ -1,7 +1,7 @@
 """Measured latency of single conv/linear layers at given widths, on the target backend, cached on disk.
 
 Each entry is one layer built alone with the real kernel, stride, padding, groups mode, input spatial
-size and batch, timed on the backend (ONNX Runtime: a one-node graph; torch: the module), minus the
+size and batch, timed on the backend (ONNX Runtime, OpenVINO: a one-node graph; torch: the module), minus the
 backend's per-call overhead measured on an Identity of the same input. Entries are cached in one JSON
 file per (machine, backend, device, versions, batch, threads) fingerprint, so a table is reused across
 models and runs and a different machine or version never reads another's numbers.
@@ -25,7 +25,7 @@ from compressor.errors import UserError
 
 from . import sysinfo
 
-LATENCY_BACKENDS = ("onnxruntime", "torch")
+LATENCY_BACKENDS = ("onnxruntime", "torch", "openvino")
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,8 @@ class _OrtTimer:
     def __init__(self, threads: int | None):
         self.threads = threads
 
-    def _session(self, node_fn, x_shape):
-        import onnxruntime as ort
+    @staticmethod
+    def _graph(node_fn, x_shape) -> bytes:
         from onnx import TensorProto, helper
 
         nodes, inits = node_fn()
@@ -115,11 +115,16 @@ class _OrtTimer:
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
+        return model.SerializeToString()
+
+    def _session(self, node_fn, x_shape):
+        import onnxruntime as ort
+
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if self.threads:
             so.intra_op_num_threads, so.inter_op_num_threads = self.threads, 1
-        return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(self._graph(node_fn, x_shape), sess_options=so, providers=["CPUExecutionProvider"])
 
     def op(self, op: OpShape, batch: int, c_in: int, c_out: int, min_time_s: float) -> float:
         from onnx import helper, numpy_helper
@@ -155,6 +160,35 @@ class _OrtTimer:
 
         sess = self._session(lambda: ([helper.make_node("Identity", ["x"], ["y"])], []), shape)
         return _time(sess, shape, min_time_s)
+
+
+class _OvTimer(_OrtTimer):
+    """The same one-node graphs, compiled by OpenVINO in f32 on its CPU/GPU/NPU device."""
+
+    def __init__(self, device: str, threads: int | None):
+        from exporters.openvino_export import require_openvino
+
+        super().__init__(threads)
+        self.ov, self.device = require_openvino(), device
+
+    def _session(self, node_fn, x_shape):
+        import io
+
+        from exporters.openvino_export import compile_model_object
+
+        compiled = compile_model_object(self.ov.convert_model(io.BytesIO(self._graph(node_fn, x_shape))), self.device,
+                                        "f32", self.threads)
+        return _OvSession(compiled)
+
+
+class _OvSession:
+    """ONNX Runtime's session.run signature over a compiled OpenVINO model, for _time."""
+
+    def __init__(self, compiled):
+        self.request = compiled.create_infer_request()
+
+    def run(self, _outputs, feeds: dict):
+        return self.request.infer({0: feeds["x"]})
 
 
 def _time(sess, shape, min_time_s: float) -> float:
@@ -217,7 +251,7 @@ def fingerprint(backend: str, device: str, batch: int, threads: int | None) -> d
     gpu = (m.get("gpu") or {}).get("name") if device == "cuda" else None
     return {"cpu": m["cpu"].get("model"), "cpus": m["cpu"].get("usable_cpus"), "gpu": gpu, "backend": backend,
             "device": device, "batch": batch, "threads": threads,
-            "versions": {k: m["versions"].get(k) for k in ("torch", "onnxruntime")}, "format": 1}
+            "versions": {k: m["versions"].get(k) for k in ("torch", "onnxruntime", "openvino")}, "format": 1}
 
 
 class LayerLatency:
@@ -233,7 +267,15 @@ class LayerLatency:
         if batch < 1:
             raise UserError("`latency_batch` must be >= 1")
         self.batch, self.min_time_s = batch, min_time_s
-        self.timer = _OrtTimer(threads) if backend == "onnxruntime" else _TorchTimer(device, threads)
+        if backend == "openvino" and device not in ("cpu", "gpu", "npu"):
+            raise UserError("`latency_backend` openvino measures on OpenVINO's devices: `latency_device` cpu, gpu or npu")
+        self.timer: _OrtTimer | _TorchTimer
+        if backend == "onnxruntime":
+            self.timer = _OrtTimer(threads)
+        elif backend == "openvino":
+            self.timer = _OvTimer(device, threads)
+        else:
+            self.timer = _TorchTimer(device, threads)
         self.print = fingerprint(backend, device, batch, threads)
         digest = hashlib.sha256(json.dumps(self.print, sort_keys=True).encode()).hexdigest()[:16]
         self.path = None if cache_dir is None else Path(cache_dir) / f"latency-{backend}-{device}-b{batch}-{digest}.json"

@@ -8,12 +8,12 @@ import numpy as np
 import torch.nn as nn
 
 from . import stats
-from .runners import OrtRunner, Runner, TorchRunner, measure
+from .runners import OrtRunner, OvRunner, Runner, TorchRunner, measure
 
 
 def model_runner(model: nn.Module, backend: str, device: str, batch: int, shape: tuple[int, int, int], workdir: Path,
                  name: str, threads: int | None = None) -> Runner:
-    """A runner for an in-memory model: torch directly, ONNX Runtime through a checked ONNX export."""
+    """A runner for an in-memory model: torch directly, ONNX Runtime and OpenVINO (f32) through a checked ONNX export."""
     if backend == "torch":
         return TorchRunner(model, shape, batch, device)
     from exporters.onnx_export import export
@@ -21,6 +21,8 @@ def model_runner(model: nn.Module, backend: str, device: str, batch: int, shape:
     x = np.random.default_rng(0).standard_normal((8, *shape)).astype(np.float32)
     path = workdir / f"{name}.onnx"
     export(model.cpu().eval(), shape, path, inputs=x, inputs_are="8 random inputs")
+    if backend == "openvino":
+        return OvRunner(path, batch, device, threads)
     return OrtRunner(path, batch, device, threads)
 
 
@@ -35,12 +37,14 @@ def paired(base: Runner, child: Runner, rounds: int = 9, warmup: int = 5, min_it
     return {"parent_ms": float(np.median(b)), "child_ms": float(np.median(c)), "speedup": stats.paired_speedup(b, c)}
 
 
-def latency_record(onnx_path: Path) -> dict:
-    """The build machine's latency for an ONNX graph (ONNX Runtime, CPU, batch 1), as bundles record it."""
+def latency_record(model_file: Path, runtime: str = "onnxruntime") -> dict:
+    """The build machine's latency for a bundle's model (its runtime on the CPU, batch 1), as bundles record it."""
     from . import sysinfo
 
-    lat = measure(OrtRunner(onnx_path, 1, "cpu"), 5, 30, 0.5)
+    runner: Runner = OvRunner(model_file, 1, "cpu") if runtime == "openvino" else OrtRunner(model_file, 1, "cpu")
+    lat = measure(runner, 5, 30, 0.5)
     s = stats.summary(lat, 1)
-    return {"machine": sysinfo.one_line(sysinfo.describe()), "backend": "onnxruntime cpu", "batch_size": 1,
+    label = "openvino cpu f32" if runtime == "openvino" else "onnxruntime cpu"
+    return {"machine": sysinfo.one_line(sysinfo.describe()), "backend": label, "batch_size": 1,
             "latency_ms": {k: round(s[k], 4) for k in ("p50", "p90", "p99", "mean", "std")},
             "throughput_ips": round(s["throughput_ips"], 1)}

@@ -28,7 +28,7 @@ def table_rows(doc: dict) -> list[dict]:
             measured = "baseline" if doc.get("baseline") == r["target"] else "-"
         mj = None if e.get("joules_per_inference") is None else 1000 * e["joules_per_inference"]
         out.append({
-            "backend": r["backend"], "device": r["device"], "batch_size": r["batch_size"], "target": r["target"],
+            "backend": backend_label(r), "device": r["device"], "batch_size": r["batch_size"], "target": r["target"],
             "params": _f(r["params"], "{:,}"), "MACs": _f(r["macs"], "{:,}"),
             "FLOPs red.": _f(sp.get("flops_reduction"), "{:.1%}"), "FLOPs speedup": _f(sp.get("flops_speedup"), "{:.2f}x"),
             "measured speedup": measured, "realised": _f(sp.get("realised_fraction"), "{:.2f}"),
@@ -39,6 +39,11 @@ def table_rows(doc: dict) -> list[dict]:
             "top-1": _f(r.get("top1"), "{:.2f}"),
         })
     return out
+
+
+def backend_label(r: dict) -> str:
+    """The backend with the precision it was pinned to, where that is a setting (OpenVINO: f32 vs bf16)."""
+    return r["backend"] + (f" {r['inference_precision']}" if r.get("inference_precision") else "")
 
 
 def markdown(doc: dict) -> str:
@@ -88,7 +93,7 @@ def csv_text(doc: dict) -> str:
         sp = r.get("speedup") or {}
         e = r.get("energy") or {}
         lat = r["latency_ms"]
-        w.writerow({"backend": r["backend"], "device": r["device"], "batch_size": r["batch_size"], "target": r["target"],
+        w.writerow({"backend": backend_label(r), "device": r["device"], "batch_size": r["batch_size"], "target": r["target"],
                     "params": r["params"], "macs": r["macs"], "flops_reduction": sp.get("flops_reduction"),
                     "flops_speedup": sp.get("flops_speedup"), "speedup": sp.get("median"), "speedup_ci_low": sp.get("ci_low"),
                     "speedup_ci_high": sp.get("ci_high"), "significant": sp.get("significant"),

@@ -3,7 +3,8 @@
 torch: CPU wall clock; CUDA events around the call with synchronisation, optionally a captured CUDA graph.
 onnxruntime: CPU, CUDA or TensorRT execution provider; on GPUs input and output stay on the device
 (I/O binding) unless transfers are asked for. tensorrt: a serialized engine run with execute_async_v3
-on device buffers.
+on device buffers. openvino: a compiled model with the inference precision pinned (f32 unless asked),
+static batch, one synchronous request.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from compressor.errors import NotAvailable, UserError
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino")
 
 
 class Runner:
@@ -168,6 +169,36 @@ class OrtRunner(Runner):
     def info(self) -> dict:
         so = self.session.get_session_options()
         return {"providers": self.providers, "intra_op_threads": so.intra_op_num_threads}
+
+
+class OvRunner(Runner):
+    backend = "openvino"
+
+    def __init__(self, path: Path, batch: int, device: str = "cpu", threads: int | None = None, precision: str = "f32",
+                 seed: int = 0):
+        from exporters import openvino_export as ovx
+
+        self.compiled = ovx.compile_model(path, device, precision, threads, batch)
+        self.precision = ovx.applied_precision(self.compiled)
+        if self.precision != precision:
+            # The plugin ignores a hint the hardware cannot honour: the rows would be mislabelled.
+            raise NotAvailable(f"OpenVINO {device.upper()} in {precision}", f"the plugin computes in {self.precision} here")
+        self.request = self.compiled.create_infer_request()
+        shape = [int(d) for d in self.compiled.input(0).get_shape()]
+        self.x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        p = Path(path)
+        self.file_bytes = sum(f.stat().st_size for f in (p, p.with_suffix(".bin")) if f.is_file()) if p.suffix == ".xml" \
+            else p.stat().st_size
+        self.device, self.version = device, ovx.version()
+
+    def time_once(self) -> float:
+        t0 = time.perf_counter()
+        self.request.infer({0: self.x})
+        return (time.perf_counter() - t0) * 1000.0
+
+    def info(self) -> dict:
+        return {"openvino": self.version, "device": self.device.upper(), "inference_precision": self.precision,
+                "threads": int(self.compiled.get_property("INFERENCE_NUM_THREADS"))}
 
 
 class TrtRunner(Runner):

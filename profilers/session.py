@@ -21,7 +21,7 @@ from compressor.progress import QUIET, Reporter
 
 from . import energy, memory, stats, sysinfo
 from .breakdown import top_ops
-from .runners import BACKENDS, OrtRunner, Runner, TorchRunner, TrtRunner, measure
+from .runners import BACKENDS, OrtRunner, OvRunner, Runner, TorchRunner, TrtRunner, measure
 from .targets import Target, ensure_onnx, narrow_layers
 
 SCHEMA = "compress-profile/1"
@@ -45,6 +45,8 @@ class Settings:
     include_transfers: bool = False
     cuda_graphs: bool = False
     ort_provider: str | None = None  # "tensorrt" to use ONNX Runtime's TensorRT EP
+    ov_device: str = "cpu"  # OpenVINO's device (cpu, gpu, npu): its own, not CUDA's
+    inference_precision: str = "f32"  # OpenVINO: pinned, or its CPU plugin picks bf16 where the CPU has it
     breakdown: bool = False
 
     def validate(self) -> None:
@@ -61,6 +63,12 @@ class Settings:
             raise UserError("`threads` must be >= 1")
         if self.device == "cpu" and ("tensorrt" in self.backends or self.ort_provider in ("cuda", "tensorrt")):
             raise UserError("TensorRT and the ONNX Runtime CUDA/TensorRT providers run on a GPU: pass `device` cuda")
+        from exporters.openvino_export import DEVICES, INFERENCE_PRECISIONS
+
+        if self.ov_device not in DEVICES:
+            raise UserError(f"`ov_device` must be one of {', '.join(DEVICES)}")
+        if self.inference_precision not in INFERENCE_PRECISIONS:
+            raise UserError(f"`inference_precision` must be one of {', '.join(INFERENCE_PRECISIONS)}")
         if self.energy_estimate_w is not None and self.energy_estimate_w <= 0:
             raise UserError("`energy_estimate` must be a positive power in watts")
 
@@ -70,6 +78,8 @@ def _runner(t: Target, backend: str, batch: int, s: Settings, workdir: Path) -> 
         return TorchRunner(t.model, t.shape, batch, s.device, s.cuda_graphs, s.include_transfers)
     if backend == "onnxruntime":
         return OrtRunner(ensure_onnx(t, workdir), batch, s.device, s.threads, s.ort_provider, s.include_transfers)
+    if backend == "openvino":
+        return OvRunner(t.ir or ensure_onnx(t, workdir), batch, s.ov_device, s.threads, s.inference_precision)
     return TrtRunner(t.engine, batch, s.include_transfers)
 
 
@@ -105,7 +115,7 @@ def run(targets: list[Target], baseline: Target | None, s: Settings, reporter: R
             live = [t for t in everyone if t.supports(backend)]
             for t in everyone:
                 if t not in live:
-                    doc["skipped"].append({"target": t.name, "backend": backend, "reason": f"a {t.kind} target cannot run on {backend}"})
+                    doc["skipped"].append({"target": t.name, "backend": backend, "reason": f"target kind {t.kind} cannot run on {backend}"})
             if baseline is not None and baseline not in live:
                 raise UserError(f"the baseline {baseline.name} cannot run on {backend}")
             for batch in s.batch_sizes:
@@ -129,10 +139,9 @@ def _prepare(everyone: list[Target], s: Settings, workdir: Path) -> None:
     exporting model targets to ONNX. Memory figures then do not depend on the order of the targets."""
     if s.device == "cuda" and torch.cuda.is_available():
         torch.empty(1, device="cuda")
-    if "onnxruntime" in s.backends:
-        for t in everyone:
-            if t.supports("onnxruntime"):
-                ensure_onnx(t, workdir)
+    for t in everyone:
+        if ("onnxruntime" in s.backends or ("openvino" in s.backends and t.ir is None)) and t.supports("onnxruntime"):
+            ensure_onnx(t, workdir)
 
 
 def _one(live, baseline, backend, batch, s: Settings, counter, counter_reason, workdir, reporter, doc) -> list[dict]:
@@ -162,7 +171,9 @@ def _one(live, baseline, backend, batch, s: Settings, counter, counter_reason, w
     for t in live:
         r = runners[t.name]
         summ = stats.summary(samples[t.name], batch)
-        row = {"target": t.name, "backend": backend, "device": s.device, "batch_size": batch,
+        ov = backend == "openvino"
+        row = {"target": t.name, "backend": backend, "device": s.ov_device if ov else s.device, "batch_size": batch,
+               "inference_precision": r.info()["inference_precision"] if ov else None,
                "latency_ms": {k: v for k, v in summ.items() if k != "throughput_ips"},
                "throughput_ips": summ["throughput_ips"], "round_medians_ms": per_round[t.name],
                "memory": mem[t.name], "runner": r.info(), "top1": t.top1, "params": t.params, "macs": t.macs,

@@ -72,6 +72,9 @@ def versions() -> dict:
         v["tensorrt"] = tensorrt.__version__
     except Exception:  # not installed, or a broken install (the PyPI stub, missing CUDA libraries): CPU profiles go on
         v["tensorrt"] = None
+    from exporters.openvino_export import version
+
+    v["openvino"] = version()
     return v
 
 
@@ -83,4 +86,5 @@ def describe() -> dict:
 def one_line(m: dict) -> str:
     g = m.get("gpu")
     dev = f", GPU {g['name']}" if g else ", no GPU"
-    return f"{m['cpu']['model']} ({m['cpu']['usable_cpus']} CPUs){dev}; torch {m['versions']['torch']}, onnxruntime {m['versions']['onnxruntime']}"
+    return f"{m['cpu']['model']} ({m['cpu']['usable_cpus']} CPUs){dev}; torch {m['versions']['torch']}, onnxruntime {m['versions']['onnxruntime']}" + (
+        f", openvino {m['versions']['openvino']}" if m["versions"].get("openvino") else "")

@@ -15,12 +15,13 @@ from compressor.errors import UserError
 from compressor.modeldir import LoadedModel, is_model_dir, load_model_dir
 
 from compressor.flops import count
+from exporters.openvino_export import ir_path
 
 
 @dataclass
 class Target:
     name: str
-    kind: str  # "model" | "onnx" | "engine" | "reference"
+    kind: str  # "model" | "onnx" | "engine" | "openvino-ir" | "reference"
     path: Path | None = None
     model: nn.Module | None = None
     shape: tuple[int, int, int] | None = None
@@ -29,11 +30,13 @@ class Target:
     top1: float | None = None
     onnx: Path | None = None
     engine: Path | None = None
+    ir: Path | None = None  # an OpenVINO model.xml
     notes: list[str] = field(default_factory=list)
 
     def supports(self, backend: str) -> bool:
         return {"torch": self.model is not None, "onnxruntime": self.model is not None or self.onnx is not None,
-                "tensorrt": self.engine is not None}[backend]
+                "tensorrt": self.engine is not None,
+                "openvino": self.model is not None or self.onnx is not None or self.ir is not None}[backend]
 
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "path": None if self.path is None else str(self.path),
@@ -73,6 +76,12 @@ def resolve(arg: str) -> list[Target]:
             if (d / "model.json").is_file():
                 out.append(from_loaded(cell["name"], load_model_dir(d)))
         return out
+    xml = ir_path(p)
+    if xml is not None:
+        side = _sidecar(xml)
+        m = side.get("model", {})
+        shape = tuple(side.get("input", {}).get("shape", [])[1:]) or None
+        return [Target(p.name, "openvino-ir", p, None, shape, m.get("params"), m.get("macs"), m.get("top1"), ir=xml)]
     if p.is_dir() or is_model_dir(p):
         return [from_loaded(p.name or str(p), load_model_dir(p))]
     if p.suffix == ".onnx":
@@ -96,7 +105,7 @@ def resolve(arg: str) -> list[Target]:
         shape = tuple(side.get("input_shape", [])[1:]) or None
         return [Target(p.name, "engine", p, None, shape, m.get("params"), m.get("macs"), m.get("top1"), engine=p)]
     if p.exists():
-        raise UserError(f"cannot profile {p}: expected a model directory, a compare run, .onnx or .engine")
+        raise UserError(f"cannot profile {p}: expected a model directory, a compare run, .onnx, .engine or an OpenVINO IR")
     raise UserError(f"profile target {arg} does not exist")
 
 

@@ -9,7 +9,7 @@ from compressor.modeldir import load_model_dir
 def test_compare_grid_tables_plots_and_resume(cli, cnn_parent, tmp_path):
     out = tmp_path / "cmp"
     args = ["compare", "--model", cnn_parent, "--metrics", "l1,taylor", "--sparsities", "0.5", "--finetune-epochs", "1",
-            "--lr", "2e-3", "--calib-size", "64", "--profile-rounds", "3", "--out", out, "-q"]
+            "--lr", "2e-3", "--calib-size", "32", "--profile-rounds", "3", "--out", out, "-q"]
     _, stdout, _ = cli(*args)
     for name in ("table.md", "table.csv", "table.json", "compare.json", "accuracy_vs_flops.png", "speedup_vs_flops.png"):
         assert (out / name).is_file(), name
@@ -36,6 +36,46 @@ def test_compare_grid_tables_plots_and_resume(cli, cnn_parent, tmp_path):
     # Profiling a compare run uses its parent as the baseline.
     _, prof, _ = cli("profile", out, "--rounds", "2", "--min-time", "0.02", "--warmup", "1", "--min-iters", "3", "--batch-sizes", "1")
     assert "taylor_s50" in prof and "baseline" in prof
+
+
+def test_compare_shards_then_gather(cli, cnn_parent, tmp_path):
+    """Two shards (as two array-job tasks) each run their half of the grid; --resume gathers the cells into
+    one table without running any of them again."""
+    out = tmp_path / "grid"
+    args = ["compare", "--model", cnn_parent, "--metrics", "l1,l2", "--sparsities", "0.5", "--finetune-epochs", "1",
+            "--profile-backend", "none", "--out", out, "-q"]
+    _, text, _ = cli(*args, "--shard", "1/2")
+    assert "shard 1/2: 1 cells" in text and (out / "cells" / "l2_s50" / "cell.json").is_file()
+    assert not (out / "cells" / "l1_s50").exists() and not (out / "table.md").exists()
+    cli(*args, "--shard", "0/2")
+    stamps = {c: (out / "cells" / c / "cell.json").stat().st_mtime_ns for c in ("l1_s50", "l2_s50")}
+    cli(*args, "--resume")
+    assert {c: (out / "cells" / c / "cell.json").stat().st_mtime_ns for c in stamps} == stamps
+    rows = list(csv.DictReader((out / "table.csv").open()))
+    assert [r["metric"] for r in rows] == ["l1", "l2"]
+    _, _, err = cli(*args, "--shard", "2/2", expect=2)
+    assert "0 <= I < N" in err
+
+
+def test_compare_at_matched_measured_speedup(cli, cnn_parent, tmp_path):
+    """--target-speedups: per target a latency-aware cell and a uniform cell whose sparsity was searched for
+    the latency-aware child's measured speedup, both fine-tuned alike and measured again."""
+    out = tmp_path / "matched"
+    _, text, _ = cli("compare", "--model", cnn_parent, "--metrics", "l1", "--target-speedups", "1.3", "--finetune-epochs", "1",
+                     "--latency-batch", "8", "--latency-rounds", "3", "--latency-iterations", "1", "--latency-cache", tmp_path / "cache", "--out", out, "-q")
+    cells = {c["name"]: c for c in json.loads((out / "table.json").read_text())}
+    lat, uni = cells["l1_latency_x1p3"], cells["l1_uniform_x1p3"]
+    assert lat["method"] == "latency-aware" and uni["method"] == "uniform"
+    assert "latency-aware vs uniform" in text.lower()
+    if "refused" in lat:  # this machine could not reach the target: recorded, and nothing to match
+        assert "not reached" in lat["refused"] and "refused" in uni
+        return
+    assert uni["probes"] and uni["match_goal"] == lat["matched_speedup"]
+    closest = min(uni["probes"], key=lambda p: abs(p["measured_speedup"] / uni["match_goal"] - 1))
+    assert uni["sparsity"] == closest["sparsity"]
+    for c in (lat, uni):
+        assert c["top1_after_ft"] is not None and c["speedup"]["median"] > 0 and c["flops_reduction"] > 0
+        load_model_dir(out / c["dir"])
 
 
 def test_demo_runs_the_whole_chain(cli, tmp_path):

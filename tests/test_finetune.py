@@ -121,3 +121,31 @@ def test_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path, straight,
     ha = json.loads((straight / "history.json").read_text())
     hb = json.loads((resumed / "history.json").read_text())
     assert [h["top1"] for h in ha] == [h["top1"] for h in hb]
+
+
+def test_data_parallel_two_gloo_processes_and_resume(cli, tmp_path):
+    """`--nproc 2` runs two gloo processes under torchrun: one global batch split between them, the same
+    weights on both at the end (checked by the processes themselves and recorded), process 0 writing;
+    an interrupted run resumes from its checkpoint with the same two processes."""
+    out = tmp_path / "ddp"
+    args = ["finetune", "--model", "resnet20", "--model-arg", "width=8", "--input-size", "16", "--data", "digits",
+            "--train-size", "512", "--batch-size", "64", "--device", "cpu", "--nproc", "2", "--out", out, "-q"]
+    cli(*args, "--epochs", "1")
+    rec = json.loads((out / "model.json").read_text())
+    dp = rec["lineage"][-1]["settings"]["data_parallel"]
+    assert dp == {"processes": 2, "backend": "gloo", "ranks_identical": True}
+    assert load_model_dir(out).record.metrics["top1"] > 0
+    # Interrupted after epoch 1: the checkpoint is there, the finished model is not.
+    (out / "model.json").unlink()
+    (out / "model.safetensors").unlink()
+    _, text, _ = cli(*args, "--epochs", "2", "--resume")
+    hist = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2]
+    assert json.loads((out / "model.json").read_text())["lineage"][-1]["settings"]["data_parallel"]["ranks_identical"]
+
+
+def test_data_parallel_refusals_are_one_line(cli, tmp_path):
+    _, _, err = cli("finetune", "--model", "resnet20", "--batch-size", "63", "--nproc", "2", "--out", tmp_path / "x", expect=2)
+    assert "multiple of --nproc" in err and not (tmp_path / "x").exists()
+    _, _, err = cli("finetune", "--model", "resnet20", "--nproc", "0", "--out", tmp_path / "x", expect=2)
+    assert "--nproc" in err

@@ -125,6 +125,48 @@ def test_kl_masking_equals_physical_removal(cnn_parent, direction):
     assert scores[3].item() == pytest.approx(kl, rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.parametrize("parent", ["cnn_parent", "vit_parent"])
+def test_fast_kl_equals_one_pass_per_unit(parent, request):
+    """The prefix-once, units-side-by-side KL (compressor.masked_eval) gives the scores of one masked
+    forward pass per unit, on every group (channels, residual-coupled channels, heads, FFN neurons), and
+    takes the fast path on every one of them (no silent fallback)."""
+    from compressor import importance, masked_eval
+    from compressor.structures import Masks
+
+    lm = load_model_dir(request.getfixturevalue(parent))
+    spec, model = lm.record.input, lm.model.eval()
+    calib = load_dataset(DataSpec("digits")).calibration(24, 0)  # batches of 16 and 8
+    _, infos = planned_groups(model, spec, WidthConfig(sparsity=0.5))
+    slow = kl_scores(model, infos, calib, spec, 16, "cpu", fast=False)
+    batches = importance._materialise(importance._batches(calib, spec, 16, "cpu"))
+    base = importance.log_probs(model, batches)
+    gm = masked_eval.trace(model)
+    assert gm is not None
+    with Masks() as masks:
+        for info in infos:
+            fast = importance._kl_group_fast(gm, info, batches, base, "child-parent", lambda *a, **k: None, masks)
+            assert fast is not None, f"{info.name} fell back to one pass per unit"
+            want = slow[info.key].view(info.n_units, info.unit_size)[:, 0].double()
+            assert torch.allclose(fast, want, rtol=1e-4, atol=1e-7), info.name
+
+
+def test_fast_greedy_equals_plain_passes(cnn_parent):
+    """output-norm-greedy with each residual-coupled group's prefix cached gives the same removal order as
+    full forward passes, at step 1 (every removal re-evaluated)."""
+    from compressor.importance import greedy_output_norm_scores
+
+    lm = load_model_dir(cnn_parent)
+    spec, model = lm.record.input, lm.model.eval()
+    calib = load_dataset(DataSpec("digits")).calibration(48, 0)
+    _, infos = planned_groups(model, spec, WidthConfig(metric="output-norm-greedy", sparsity=0.5))
+    assert any(not i.independent for i in infos)
+    plain = greedy_output_norm_scores(model, infos, calib, spec, 16, "cpu", fast=False)
+    fast = greedy_output_norm_scores(model, infos, calib, spec, 16, "cpu", fast=True)
+    assert plain.keys() == fast.keys()
+    for k in plain:
+        assert torch.equal(plain[k], fast[k]), k
+
+
 def test_greedy_removes_lowest_output_norm_first(cnn_parent):
     from compressor.importance import greedy_output_norm_scores
     from compressor.structures import capture_inputs
@@ -149,15 +191,16 @@ def test_greedy_removes_lowest_output_norm_first(cnn_parent):
 @pytest.mark.parametrize("metric", ["l2"])
 def test_vit_b16_parameter_deltas_match_seed_000(metric):
     """Removing 25/50/75 % of heads and FFN neurons of ViT-B/16 (100 classes) removes exactly
-    21,249,792 / 42,499,584 / 63,749,376 parameters (seed 000, Table 5). The counts depend on the
-    structure only; the other metrics take the same path (test_vit_metric_removes_heads_and_neurons)."""
+    21,249,792 / 42,499,584 / 63,749,376 parameters (the metric-comparison study, Table 5). The counts
+    depend on the structure only and are linear in the share; 25 and 75 % are checked (50 % is their mean).
+    The other metrics take the same path (test_vit_metric_removes_heads_and_neurons)."""
     import timm
 
     import copy
 
     spec = InputSpec(3, 224, 224, (0.5,) * 3, (0.5,) * 3)
     vit_b = timm.create_model("vit_base_patch16_224", num_classes=100).eval()
-    for s, removed in ((0.25, 21_249_792), (0.5, 42_499_584), (0.75, 63_749_376)):
+    for s, removed in ((0.25, 21_249_792), (0.75, 63_749_376)):
         m = copy.deepcopy(vit_b)
         before = sum(p.numel() for p in m.parameters())
         assert before == 85_875_556

@@ -98,8 +98,14 @@ class Batches:
     def __init__(self, data: ImageSet, spec: InputSpec, batch_size: int, *, shuffle: bool = False,
                  augment_ops: tuple[str, ...] = (), seed: int = 0, epoch: int = 0,
                  device: torch.device | str = "cpu", drop_last: bool = False, workers: int = 0,
-                 channels_last: bool = False):
+                 channels_last: bool = False, shard: tuple[int, int] = (0, 1)):
         self.data, self.spec, self.batch_size = data, spec, int(batch_size)
+        # Data parallel: every process draws the same global order and takes its slice of each global
+        # batch (as DistributedSampler does), so the global batch and the epoch's images are unchanged.
+        self.rank, self.world = shard
+        if self.world > 1 and (self.batch_size % self.world or not drop_last):
+            raise ValueError("a sharded Batches needs drop_last and a batch size divisible by the world size")
+        self.local_batch = self.batch_size // self.world
         self.shuffle, self.ops, self.seed, self.epoch = shuffle, tuple(augment_ops), seed, epoch
         self.device = torch.device(device)
         self.drop_last, self.workers, self.channels_last = drop_last, workers, channels_last
@@ -122,20 +128,27 @@ class Batches:
     def _order(self) -> torch.Tensor:
         n = len(self.data)
         if not self.shuffle:
-            return torch.arange(n)
-        g = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(self.epoch))
-        return torch.randperm(n, generator=g)
+            order = torch.arange(n)
+        else:
+            g = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(self.epoch))
+            order = torch.randperm(n, generator=g)
+        if self.world == 1:
+            return order
+        full = order[: len(self) * self.batch_size].view(len(self), self.batch_size)
+        return full[:, self.rank::self.world].reshape(-1)
 
     def _tensor_path(self):
         images = self.data.images
         labels = self.data.labels
         if images.device != self.device:
             images, labels = images.to(self.device), labels.to(self.device)
-        g = epoch_generator(self.seed, self.epoch + 7919, self.device) if self.ops else None
+        # Each process draws its own augmentations (rank 0 draws what a single process draws).
+        g = epoch_generator(self.seed, self.epoch + 7919 + 104_729 * self.rank, self.device) if self.ops else None
         order = self._order().to(self.device)
+        bs = self.local_batch
         for i in range(len(self)):
             t0 = time.perf_counter()
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            idx = order[i * bs:(i + 1) * bs]
             x = to_model_input(images[idx], self.spec, self.ops, g)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -144,10 +157,10 @@ class Batches:
             yield x, y
 
     def _loader_path(self):
-        ds = PerImageDataset(self.data, self.spec, self.ops, self.seed + self.epoch)
+        ds = PerImageDataset(self.data, self.spec, self.ops, self.seed + self.epoch + 104_729 * self.rank)
         order = self._order()
         dl = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(ds, order.tolist()), batch_size=self.batch_size, shuffle=False,
+            torch.utils.data.Subset(ds, order.tolist()), batch_size=self.local_batch, shuffle=False,
             num_workers=self.workers, drop_last=self.drop_last, pin_memory=self.device.type == "cuda",
             worker_init_fn=_seed_worker if self.workers else None,
         )

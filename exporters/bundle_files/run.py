@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Classify images with the model in this bundle.
 
-    python run.py IMAGE_OR_FOLDER [...] [--runtime onnxruntime|tensorrt] [--device cpu|cuda] [--top 3] [--json]
+    python run.py IMAGE_OR_FOLDER [...] [--runtime onnxruntime|tensorrt|openvino] [--device cpu|cuda] [--top 3] [--json]
 
 Needs only numpy, Pillow and the target runtime (see requirements.txt). Preprocessing is read from
 manifest.json and is the same as during training: grey/RGB conversion, /255, fit to the model's size
@@ -72,6 +72,21 @@ class OnnxRuntimeModel:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.name: x})[0].astype(np.float32)
+
+
+class OpenVINOModel:
+    """The bundled OpenVINO IR, computed in f32 as it was checked (OpenVINO's CPU plugin would otherwise
+    pick bf16 on CPUs that have it)."""
+
+    def __init__(self, xml_path: Path, device: str = "cpu", precision: str = "f32"):
+        import openvino as ov
+
+        self.compiled = ov.Core().compile_model(str(xml_path), device.upper(), {"INFERENCE_PRECISION_HINT": precision})
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        out = self.compiled.output(0)
+        return np.concatenate([np.array(self.request.infer({0: x[i:i + 64]})[out]) for i in range(0, len(x), 64)]).astype(np.float32)
 
 
 def _cudart():
@@ -177,6 +192,8 @@ def load(root: Path = HERE, runtime: str | None = None, device: str | None = Non
     runtime = runtime or m["runtime"]["name"]
     if runtime == "tensorrt":
         return TensorRTModel(root / m["model_file"])
+    if runtime == "openvino":
+        return OpenVINOModel(root / m["model_file"], device or m["runtime"].get("device", "cpu"))
     return OnnxRuntimeModel(root / m["model_file"], device or m["runtime"].get("device", "cpu"))
 
 
@@ -209,8 +226,8 @@ def classify(paths: list[Path], model, m: dict, top: int = 1, batch: int = 32) -
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Classify images with the bundled model.")
     ap.add_argument("inputs", nargs="+", help="image files or folders")
-    ap.add_argument("--runtime", choices=["onnxruntime", "tensorrt"], default=None)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    ap.add_argument("--runtime", choices=["onnxruntime", "tensorrt", "openvino"], default=None)
+    ap.add_argument("--device", choices=["cpu", "cuda", "gpu", "npu"], default=None, help="cuda: ONNX Runtime; gpu/npu: OpenVINO")
     ap.add_argument("--top", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print JSON")
     a = ap.parse_args(argv)
