@@ -79,13 +79,18 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
         fit = _calibrate(parent, spec, groups, layers, table, target, Path(tmp), reporter)
         parent_runner, parent_ms = fit.pop("parent_runner"), fit["parent_ms"]
         scaled = lambda sig, c_in, c_out: fit["scale"] * table(sig, c_in, c_out)  # noqa: E731
-        goal_ms = parent_ms / target.speedup if target.speedup else target.latency_ms
+        if target.speedup is not None:
+            goal_ms = parent_ms / target.speedup
+        else:
+            assert target.latency_ms is not None  # validate(): one of the two is given
+            goal_ms = target.latency_ms
         if goal_ms >= parent_ms:
             raise UserError(f"the parent already runs in {parent_ms:.4g} ms at batch {target.batch} on "
                             f"{target.backend} {target.device}; `target_latency_ms` {goal_ms:g} asks for nothing")
         # Closed loop (NetAdapt's empirical step): plan, prune a copy, measure it whole; when the
         # measurement misses the goal, correct the budget by measured/predicted and plan again.
-        budget, tries, best = goal_ms, [], None
+        budget, tries = goal_ms, []
+        best: dict | None = None
         for attempt in range(target.iterations):
             with reporter.task(f"latency-aware widths, attempt {attempt + 1} (ms predicted)", None) as advance:
                 table.on_measure = lambda: advance(0, info=f"{table.measured} layers measured")
@@ -115,6 +120,7 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
             budget = _next_budget(tries, goal_ms)
         parent_runner.close()
     table_s = time.perf_counter() - t0
+    assert best is not None  # at least one attempt ran (validate(): iterations >= 1)
     if best["effective_ms"] > 1.1 * goal_ms:
         what = (f"{target.speedup:g}x" if target.speedup else f"{target.latency_ms:g} ms")
         got = best["check"]["speedup"]
@@ -235,7 +241,7 @@ def _layers(model: nn.Module, pruner, infos, ops, table: LayerLatency) -> list[L
 def _worst_layers(layers: list[Layer], table: LayerLatency, groups: list[Group], widths: dict[str, int]) -> list[dict]:
     """Layers whose measured cost did not fall (or rose) with the chosen widths: the likely culprits."""
     full = {g.name: g.n for g in groups}
-    rows = []
+    rows: list[dict] = []
     for layer in layers:
         a, b = table(layer.signature, *layer.widths(full)), table(layer.signature, *layer.widths(widths))
         rows.append({"layer": layer.name, "parent_ms": round(a, 5), "child_ms": round(b, 5)})

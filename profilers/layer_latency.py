@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -284,7 +285,7 @@ class LayerLatency:
         self.ops: dict[str, OpShape] = {}
         self.measured = self.hits = 0
         self.measure_s = 0.0
-        self.on_measure = None  # progress callback
+        self.on_measure: Callable[[], None] | None = None  # progress callback
         if self.path is not None and self.path.is_file():
             try:
                 doc = json.loads(self.path.read_text())
