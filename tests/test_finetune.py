@@ -56,7 +56,7 @@ def test_dataloader_path_trains_too(cli, cnn_parent, tmp_path):
 
 
 ARGS = ["finetune", "--model", "resnet20", "--model-arg", "width=8", "--input-size", "16", "--data", "digits",
-        "--epochs", "4", "--lr", "2e-3", "--batch-size", "32", "--device", "cpu", "--quiet", "--seed", "3"]
+        "--epochs", "8", "--lr", "2e-3", "--batch-size", "32", "--device", "cpu", "--quiet", "--seed", "3"]
 
 
 def _compress(args, **kw):
@@ -84,7 +84,11 @@ def _interrupted_run(tmp_path: Path, sig: int) -> Path:
         assert p.poll() is None, p.communicate()
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
-    time.sleep(0.05)  # inside epoch 2, with epochs 3 and 4 still to run (an epoch here takes ~0.15 s)
+    time.sleep(0.05)  # inside epoch 2, with 6 epochs still to run (an epoch here takes ~0.15 s)
+    status = Path(f"/proc/{p.pid}/status")
+    if sig == signal.SIGINT and status.exists():  # an inherited SIG_IGN would make the test meaningless
+        ignored = int(next(ln for ln in status.read_text().splitlines() if ln.startswith("SigIgn:")).split()[1], 16)
+        assert not ignored & (1 << (signal.SIGINT - 1)), "the training process ignores SIGINT (inherited from the test runner)"
     p.send_signal(sig)
     out, err = p.communicate(timeout=120)
     assert not (run / "model.json").exists(), "an interrupted run must not look finished"
