@@ -7,13 +7,13 @@ of epoch e-1 reproduces an uninterrupted run exactly on CPU.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 import hashlib
 import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
