@@ -44,6 +44,20 @@ def compress(*args, log: list[str] | None = None, done: bool = False, allow_fail
         sys.exit(f"benchmark step failed ({r.returncode}): {shown}")
 
 
+def uniform_children(model: str, where: Path, log: list[str], *model_args) -> tuple[Path, list[Path]]:
+    """A parent with fresh weights (latency does not depend on weight values) and its data-free l2
+    children at 25/50/75 % in `where`."""
+    parent = where / "parent"
+    compress("prune", "--model", model, *model_args, "--num-classes", "10", "--sparsity", "0", "--out", parent,
+             "--overwrite", "-q", log=log)
+    kids = []
+    for s in (25, 50, 75):
+        kid = where / f"l2_{s}"
+        compress("prune", "--model", parent, "--metric", "l2", "--sparsity", s / 100, "--out", kid, "--overwrite", "-q", log=log)
+        kids.append(kid)
+    return parent, kids
+
+
 def machine() -> str:
     from profilers import sysinfo
 

@@ -9,7 +9,7 @@ pruned for each runtime's measured latency, each measured on both runtimes.
 import sys
 import time
 
-from common import RUNS, compress, load, md_table, write_section
+from common import RUNS, compress, load, md_table, uniform_children, write_section
 
 QUICK = "--quick" in sys.argv
 MODELS = ["resnet20"] if QUICK else ["resnet20", "resnet56", "torchvision:resnet18", "torchvision:mobilenet_v2", "vit_cifar"]
@@ -33,15 +33,7 @@ def rows_by(doc: dict) -> dict:
 side_rows = []
 for model in MODELS:
     safe = model.replace(":", "_")
-    parent = base / safe / "parent"
-    # Latency does not depend on weight values: fresh weights, data-free l2 pruning.
-    compress("prune", "--model", model, "--input-size", "32", "--data", "fake", "--num-classes", "10", "--sparsity", "0",
-             "--out", parent, "--overwrite", "-q", log=log)
-    kids = []
-    for s in (25, 50, 75):
-        kid = base / safe / f"l2_{s}"
-        compress("prune", "--model", parent, "--metric", "l2", "--sparsity", s / 100, "--out", kid, "--overwrite", "-q", log=log)
-        kids.append(kid)
+    parent, kids = uniform_children(model, base / safe, log, "--input-size", "32", "--data", "fake")
     out = base / safe / "report.json"
     compress("profile", parent, *kids, "--baseline", parent, "--backend", "onnxruntime,openvino", "--batch-sizes", "1,32",
              "--rounds", ROUNDS, "--min-time", "0.3", "--no-energy", "--json", out, "--overwrite", "-q", log=log)

@@ -2,21 +2,14 @@
 
 import time
 
-from common import RUNS, compress, load, md_table, write_section
+from common import RUNS, compress, load, md_table, uniform_children, write_section
 
 started = time.time()
 log: list[str] = []
 base = RUNS / "profile"
 sections = []
 for model in ("resnet56", "vit_cifar"):
-    parent = base / model / "parent"
-    # Latency does not depend on weight values: fresh weights, data-free l2 pruning.
-    compress("prune", "--model", model, "--num-classes", "10", "--sparsity", "0", "--out", parent, "--overwrite", "-q", log=log)
-    kids = []
-    for s in (25, 50, 75):
-        kid = base / model / f"l2_{s}"
-        compress("prune", "--model", parent, "--metric", "l2", "--sparsity", s / 100, "--out", kid, "--overwrite", "-q", log=log)
-        kids.append(kid)
+    parent, kids = uniform_children(model, base / model, log)
     out = base / model / "report"
     compress("profile", *kids, "--baseline", parent, "--backend", "onnxruntime", "--batch-sizes", "1,32", "--rounds", "10",
              "--min-time", "0.5", "--out", out, "--overwrite", "-q", log=log)
