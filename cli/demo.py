@@ -65,7 +65,7 @@ def demo(
         ex_f = export_onnx(tuned, tmp / "finetuned.onnx")
         rep.log("5/5 profiling both with ONNX Runtime on this CPU (interleaved rounds)")
         doc = run_profile([from_loaded("finetuned", tuned)], from_loaded("baseline", baseline),
-                          Settings(backends=("onnxruntime",), batch_sizes=(1, 32), rounds=10), rep)
+                          Settings(backends=("onnxruntime",), batch_sizes=(1, 32), rounds=10), rep).to_json()
         report.write_all(doc, tmp / "profile")
     b, p, f = baseline.record.metrics, summary.after, tuned.record.metrics
     emit(report.markdown(doc))

@@ -88,12 +88,13 @@ def profile(
         resolved.append(reference(name, like))
     doc = run(resolved, base, settings, c.reporter(quiet))
     failures = gates_mod.check(doc, g) if g.active() else []
-    doc["gates"] = [{"failure": f} for f in failures]
-    md = report.markdown(doc)
+    doc.gates = [{"failure": f} for f in failures]
+    data = doc.to_json()
+    md = report.markdown(data)
     if json_out is not None:
-        atomic.write_json(json_out, doc)
+        atomic.write_json(json_out, data)
     if out_dir is not None:
-        report.write_all(doc, out_dir)
+        report.write_all(data, out_dir)
     emit(md)
     gates_mod.step_summary(md, failures, g.active())
     if failures:

@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
+import torch
 import typer
 
 from compressor import atomic
+from compressor.data import Dataset
 from compressor.errors import UserError
 from compressor.importance import KL_DEFAULT, METRICS, REGISTRY, check_kl_direction
 from compressor.layers import LAYER_METRICS, find_blocks
@@ -203,9 +205,10 @@ def auto(
 
 
 def _required(model: str | None, out_dir: Path | None) -> tuple[str, Path]:
-    for value, flag in ((model, "--model"), (out_dir, "--out")):
-        if value is None:
-            raise UserError(f"missing option {flag}")
+    if model is None:
+        raise UserError("missing option --model")
+    if out_dir is None:
+        raise UserError("missing option --out")
     return model, out_dir
 
 
@@ -216,7 +219,8 @@ def _check_common(out_dir: Path, overwrite: bool, calib_size: int) -> None:
         raise UserError("--calib-size must be >= 1")
 
 
-def _load(src: Source, data, data_dir, train_size, test_size, download, device) -> tuple[LoadedModel, object, object, dict]:
+def _load(src: Source, data, data_dir, train_size, test_size, download,
+          device) -> tuple[LoadedModel, Dataset | None, torch.device, dict]:
     dev = pick_device(device)
     ds = dataset_for(data, data_dir, train_size, test_size, download, None)
     lm = get_model(src, ds)
@@ -233,6 +237,7 @@ def _report_width(summary: PruneResult, title: str, sparsity: float, out_dir: Pa
         out.print(f"attention heads per block: {first[0]} -> {first[1]}")
     for name, why in summary.left_alone.items():
         out.print(f"left alone: {name} (torch-pruning cannot remove its channels: {why})")
+    assert summary.achieved_sparsity is not None  # set by every width prune
     achieved = f"removed {100 * summary.achieved_sparsity:.1f}% of the prunable units (asked {100 * sparsity:g}%)"
     if summary.short_of_request:
         out.print(f"warning: much less pruned than asked: {achieved}; the rest is left alone or rounded away "
@@ -242,10 +247,11 @@ def _report_width(summary: PruneResult, title: str, sparsity: float, out_dir: Pa
     out.print(f"{len(summary.layers)} layers changed width; pruning took {summary.prune_s} s; wrote {out_dir}")
 
 
-def _latency_aware(lm, ds, cfg, target, calib_size, dev, rep, settings, out_dir) -> None:
+def _latency_aware(lm, ds, cfg, target: LatencyTarget, calib_size, dev, rep, settings, out_dir) -> None:
     pruned, rec, summary = latency_prune(lm, ds, cfg, target, calib_size, dev, rep, settings)
     save_model_dir(out_dir, pruned, rec)
     p = summary.latency
+    assert p is not None  # latency_prune always records its measured proof
     goal = f"{target.speedup:g}x" if target.speedup else f"{target.latency_ms:g} ms"
     out.print(before_after(f"latency-aware pruning for {goal} on {p['backend']} {p['device']}, batch {p['batch']}, "
                            f"{cfg.metric}", summary.before, summary.after))

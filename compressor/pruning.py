@@ -267,15 +267,19 @@ def prune_window_heads(model: nn.Module, cfg: WidthConfig) -> dict[str, list[int
     """Remove ceil(sparsity * heads) heads of every Swin window attention (at least one kept), ranked by
     the L1/L2 norm of their qkv rows and proj columns (random: seeded); slicing by hand keeps
     num_heads, qkv, proj and the bias table consistent."""
-    out = {}
+    out: dict[str, list[int]] = {}
     gen = torch.Generator().manual_seed(cfg.seed)
     for name, a in _window_attentions(model):
-        n, hd = a.num_heads, a.qkv.out_features // (3 * a.num_heads)
+        qkv, proj = a.get_submodule("qkv"), a.get_submodule("proj")
+        assert isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)
+        table = a.get_parameter("relative_position_bias_table")
+        n = int(a.num_heads)  # type: ignore[arg-type]  # an int attribute; nn.Module types attributes as Tensor | Module
+        hd = qkv.out_features // (3 * n)
         remove = min(math.ceil(cfg.sparsity * n), n - 1)
         if remove <= 0:
             continue
-        w = a.qkv.weight.view(3, n, hd, -1)
-        pw = a.proj.weight.view(a.proj.out_features, n, hd)
+        w = qkv.weight.view(3, n, hd, -1)
+        pw = proj.weight.view(proj.out_features, n, hd)
         if cfg.metric == "random":
             score = torch.rand(n, generator=gen)
         else:
@@ -284,20 +288,20 @@ def prune_window_heads(model: nn.Module, cfg: WidthConfig) -> dict[str, list[int
         keep = torch.sort(torch.argsort(score, descending=True)[: n - remove]).values
         rows = torch.cat([(s * n + keep)[:, None] * hd + torch.arange(hd) for s in range(3)]).flatten()
         cols = (keep[:, None] * hd + torch.arange(hd)).flatten()
-        dev = a.qkv.weight.device
+        dev = qkv.weight.device
         rows, cols = rows.to(dev), cols.to(dev)
-        new_qkv = nn.Linear(a.qkv.in_features, len(rows), bias=a.qkv.bias is not None).to(dev)
-        new_qkv.weight.copy_(a.qkv.weight[rows])
-        if a.qkv.bias is not None:
-            new_qkv.bias.copy_(a.qkv.bias[rows])
-        new_proj = nn.Linear(len(cols), a.proj.out_features, bias=a.proj.bias is not None).to(dev)
-        new_proj.weight.copy_(a.proj.weight[:, cols])
-        if a.proj.bias is not None:
-            new_proj.bias.copy_(a.proj.bias)
+        new_qkv = nn.Linear(qkv.in_features, len(rows), bias=qkv.bias is not None).to(dev)
+        new_qkv.weight.copy_(qkv.weight[rows])
+        if qkv.bias is not None:
+            new_qkv.bias.copy_(qkv.bias[rows])
+        new_proj = nn.Linear(len(cols), proj.out_features, bias=proj.bias is not None).to(dev)
+        new_proj.weight.copy_(proj.weight[:, cols])
+        if proj.bias is not None:
+            new_proj.bias.copy_(proj.bias)
         a.qkv, a.proj = new_qkv, new_proj
-        a.relative_position_bias_table = nn.Parameter(a.relative_position_bias_table[:, keep.to(dev)].clone())
-        a.num_heads = len(keep)
-        out[name] = [n, a.num_heads]
+        a.relative_position_bias_table = nn.Parameter(table[:, keep.to(dev)].clone())
+        a.num_heads = len(keep)  # type: ignore[assignment]  # a plain int attribute (see above)
+        out[name] = [n, len(keep)]
     return out
 
 
@@ -537,13 +541,13 @@ def layer_groups(pruner, infos: list[GroupInfo], model: nn.Module) -> dict[str, 
                 outs[n] = info.name
             elif info.name not in ins.setdefault(n, []):
                 ins[n].append(info.name)
-    out = {}
+    out: dict[str, tuple[str | None, str | None]] = {}
     for n, m in model.named_modules():
         if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
             if len(ins.get(n, [])) > 1:
                 raise UserError(f"latency-aware pruning cannot model {n}: its input concatenates several channel "
                                 "groups (DenseNet/Inception-style); use `sparsity`")
-            out[n] = ((ins.get(n) or [None])[0], outs.get(n))
+            out[n] = (ins[n][0] if ins.get(n) else None, outs.get(n))
     return out
 
 

@@ -30,7 +30,7 @@ class Consumer:
 class GroupInfo:
     key: tuple[int, str]  # (id(root module), handler name): how an Importance call finds its scores
     name: str
-    group: object  # tp Group over every root index
+    group: tp.dependency.Group  # over every root index
     kind: str  # "channel" | "head" | "ffn" | "embed"
     n_dims: int  # root indices
     unit_size: int  # root indices per removable unit (head_dim for heads, 1 otherwise)

@@ -83,11 +83,12 @@ def _speedup(parent: LoadedModel, child: LoadedModel, cfg: CompareConfig) -> dic
                  warmup=5, min_iters=10, min_time_s=0.2, energy=False)
     base, tgt = from_loaded("parent", parent), from_loaded("child", child)
     doc = run_profile([tgt], base, s)
-    row = next(r for r in doc["results"] if r["target"] == "child")
-    sp = row["speedup"]
-    return {"backend": cfg.profile_backend, "batch": cfg.profile_batch, "median": sp["median"], "ci_low": sp["ci_low"],
-            "ci_high": sp["ci_high"], "significant": sp["significant"], "p50_ms": row["latency_ms"]["p50"],
-            "parent_p50_ms": next(r for r in doc["results"] if r["target"] == "parent")["latency_ms"]["p50"]}
+    row = doc.row("child")
+    sp = row.speedup
+    assert sp is not None  # every non-baseline row carries its speedup
+    return {"backend": cfg.profile_backend, "batch": cfg.profile_batch, "median": sp.median, "ci_low": sp.ci_low,
+            "ci_high": sp.ci_high, "significant": sp.significant, "p50_ms": row.latency_ms.p50,
+            "parent_p50_ms": doc.row("parent").latency_ms.p50}
 
 
 def skeleton(lm: LoadedModel, ds: Dataset, cfg: CompareConfig, out: Path, replace: bool) -> dict:

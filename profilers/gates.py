@@ -9,6 +9,8 @@ from pathlib import Path
 
 from compressor.errors import UserError
 
+from .document import ProfileDocument, ResultRow
+
 
 @dataclass
 class Gates:
@@ -34,23 +36,23 @@ def parse_tolerance(text: str) -> float:
     return v
 
 
-def _where(r: dict) -> str:
-    return f"{r['target']} ({r['backend']} {r['device']}, batch {r['batch_size']})"
+def _where(r: ResultRow) -> str:
+    return f"{r.target} ({r.backend} {r.device}, batch {r.batch_size})"
 
 
-def check(doc: dict, g: Gates) -> list[str]:
+def check(doc: ProfileDocument, g: Gates) -> list[str]:
     fails = []
-    for r in doc["results"]:
-        if r["target"].startswith("reference:") or (g.batches is not None and r["batch_size"] not in g.batches):
+    for r in doc.results:
+        if r.target.startswith("reference:") or (g.batches is not None and r.batch_size not in g.batches):
             continue
-        sp = r.get("speedup")
-        if g.assert_speedup is not None and sp is not None and sp["median"] < g.assert_speedup:
-            fails.append(f"{_where(r)}: speedup {sp['median']:.2f}x < required {g.assert_speedup:.2f}x")
-        if g.assert_realised is not None and sp is not None and sp.get("realised_fraction") is not None \
-                and sp["realised_fraction"] < g.assert_realised:
-            fails.append(f"{_where(r)}: realised fraction {sp['realised_fraction']:.2f} < required {g.assert_realised:.2f}")
-        if g.max_latency_ms is not None and r["latency_ms"]["p50"] > g.max_latency_ms:
-            fails.append(f"{_where(r)}: p50 latency {r['latency_ms']['p50']:.3f} ms > {g.max_latency_ms} ms")
+        sp = r.speedup
+        if g.assert_speedup is not None and sp is not None and sp.median < g.assert_speedup:
+            fails.append(f"{_where(r)}: speedup {sp.median:.2f}x < required {g.assert_speedup:.2f}x")
+        if g.assert_realised is not None and sp is not None and sp.realised_fraction is not None \
+                and sp.realised_fraction < g.assert_realised:
+            fails.append(f"{_where(r)}: realised fraction {sp.realised_fraction:.2f} < required {g.assert_realised:.2f}")
+        if g.max_latency_ms is not None and r.latency_ms.p50 > g.max_latency_ms:
+            fails.append(f"{_where(r)}: p50 latency {r.latency_ms.p50:.3f} ms > {g.max_latency_ms} ms")
     if g.against is not None:
         try:
             old = json.loads(Path(g.against).read_text())
@@ -58,14 +60,14 @@ def check(doc: dict, g: Gates) -> list[str]:
             raise UserError(f"cannot read `against` {g.against}: {e}") from None
         prev = {(r["target"], r["backend"], r["device"], r["batch_size"]): r for r in old.get("results", [])}
         matched = 0
-        for r in doc["results"]:
-            p = prev.get((r["target"], r["backend"], r["device"], r["batch_size"]))
+        for r in doc.results:
+            p = prev.get((r.target, r.backend, r.device, r.batch_size))
             if p is None:
                 continue
             matched += 1
             limit = p["latency_ms"]["p50"] * (1 + g.tolerance)
-            if r["latency_ms"]["p50"] > limit:
-                fails.append(f"{_where(r)}: p50 {r['latency_ms']['p50']:.3f} ms regressed beyond {p['latency_ms']['p50']:.3f} ms "
+            if r.latency_ms.p50 > limit:
+                fails.append(f"{_where(r)}: p50 {r.latency_ms.p50:.3f} ms regressed beyond {p['latency_ms']['p50']:.3f} ms "
                              f"+{100 * g.tolerance:.0f}%")
         if matched == 0:
             fails.append(f"--against {g.against}: no result matches a target/backend/batch of this run")

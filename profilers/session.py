@@ -16,15 +16,16 @@ import numpy as np
 import torch
 
 from compressor import provenance
-from compressor.errors import NotAvailable, UserError
+from compressor.errors import UserError
 from compressor.progress import QUIET, Reporter
 
 from . import energy, memory, stats, sysinfo
 from .breakdown import top_ops
+from .document import SCHEMA, Latency, Memory, ProfileDocument, ResultRow, Skipped, Speedup
 from .runners import BACKENDS, OrtRunner, OvRunner, Runner, TorchRunner, TrtRunner, measure
 from .targets import Target, ensure_onnx, narrow_layers
 
-SCHEMA = "compress-profile/1"
+__all__ = ["SCHEMA", "ProfileDocument", "Settings", "run"]
 
 
 @dataclass
@@ -75,11 +76,13 @@ class Settings:
 
 def _runner(t: Target, backend: str, batch: int, s: Settings, workdir: Path) -> Runner:
     if backend == "torch":
+        assert t.model is not None  # Target.supports("torch") holds only for in-memory models
         return TorchRunner(t.model, t.shape, batch, s.device, s.cuda_graphs, s.include_transfers)
     if backend == "onnxruntime":
         return OrtRunner(ensure_onnx(t, workdir), batch, s.device, s.threads, s.ort_provider, s.include_transfers)
     if backend == "openvino":
         return OvRunner(t.ir or ensure_onnx(t, workdir), batch, s.ov_device, s.threads, s.inference_precision)
+    assert t.engine is not None  # Target.supports("tensorrt") holds only for engines
     return TrtRunner(t.engine, batch, s.include_transfers)
 
 
@@ -91,20 +94,19 @@ def _file_bytes(t: Target, runner: Runner) -> int | None:
     return None
 
 
-def run(targets: list[Target], baseline: Target | None, s: Settings, reporter: Reporter = QUIET) -> dict:
+def run(targets: list[Target], baseline: Target | None, s: Settings, reporter: Reporter = QUIET) -> ProfileDocument:
     s.validate()
     if s.threads:
         torch.set_num_threads(s.threads)
     everyone = ([baseline] if baseline is not None else []) + [t for t in targets if t is not baseline]
-    machine = sysinfo.describe()
-    doc = {"schema": SCHEMA, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-           "command": provenance.command(), "machine": machine,
-           "settings": {**asdict(s), "backends": list(s.backends), "batch_sizes": list(s.batch_sizes)},
-           "baseline": None if baseline is None else baseline.name, "targets": [t.to_json() for t in everyone],
-           "results": [], "skipped": [], "breakdown": [], "flags": [], "gates": []}
+    doc = ProfileDocument(
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), command=provenance.command(),
+        machine=sysinfo.describe(),
+        settings={**asdict(s), "backends": list(s.backends), "batch_sizes": list(s.batch_sizes)},
+        baseline=None if baseline is None else baseline.name, targets=[t.to_json() for t in everyone])
     for t in everyone:
         if t.model is not None:
-            doc["flags"] += [{"target": t.name, **f} for f in narrow_layers(t.model)]
+            doc.flags += [{"target": t.name, **f} for f in narrow_layers(t.model)]
     counter, counter_reason = (None, "energy measurement disabled (--no-energy)")
     if s.energy and s.energy_estimate_w is None:
         counter, counter_reason = energy.detect(s.device, torch.cuda.current_device() if s.device == "cuda" and torch.cuda.is_available() else 0)
@@ -113,23 +115,20 @@ def run(targets: list[Target], baseline: Target | None, s: Settings, reporter: R
         _prepare(everyone, s, workdir)
         for backend in s.backends:
             live = [t for t in everyone if t.supports(backend)]
-            for t in everyone:
-                if t not in live:
-                    doc["skipped"].append({"target": t.name, "backend": backend, "reason": f"target kind {t.kind} cannot run on {backend}"})
+            doc.skipped += [Skipped(t.name, backend, f"target kind {t.kind} cannot run on {backend}")
+                            for t in everyone if t not in live]
             if baseline is not None and baseline not in live:
                 raise UserError(f"the baseline {baseline.name} cannot run on {backend}")
             for batch in s.batch_sizes:
-                doc["results"] += _one(live, baseline, backend, batch, s, counter, counter_reason, workdir, reporter, doc)
-    except NotAvailable:
-        raise
+                doc.results += _one(live, baseline, backend, batch, s, counter, counter_reason, workdir, reporter, doc)
     finally:
         if counter is not None:
             counter.close()
         shutil.rmtree(workdir, ignore_errors=True)
-    if not doc["results"]:
-        why = "; ".join(sorted({f"{k['target']} on {k['backend']}: {k['reason']}" for k in doc["skipped"]})[:2])
+    if not doc.results:
+        why = "; ".join(sorted({f"{k.target} on {k.backend}: {k.reason}" for k in doc.skipped})[:2])
         raise UserError(f"nothing was measured ({why or 'no target runs on the chosen backends'})")
-    for t, tj in zip(everyone, doc["targets"]):
+    for t, tj in zip(everyone, doc.targets):
         tj["params"], tj["macs"] = t.params, t.macs
     return doc
 
@@ -144,7 +143,9 @@ def _prepare(everyone: list[Target], s: Settings, workdir: Path) -> None:
             ensure_onnx(t, workdir)
 
 
-def _one(live, baseline, backend, batch, s: Settings, counter, counter_reason, workdir, reporter, doc) -> list[dict]:
+def _one(live: list[Target], baseline: Target | None, backend: str, batch: int, s: Settings,
+         counter: energy.Counter | None, counter_reason: str | None, workdir: Path, reporter: Reporter,
+         doc: ProfileDocument) -> list[ResultRow]:
     mem = {}
     for t in live:  # memory: each target alone, peak reset before it loads
         if s.device == "cuda" and torch.cuda.is_available():
@@ -153,13 +154,14 @@ def _one(live, baseline, backend, batch, s: Settings, counter, counter_reason, w
         with memory.PeakWindow() as w:
             r = _runner(t, backend, batch, s, workdir)
             measure(r, 2, 3, 0.0)
-        mem[t.name] = {"peak_rss_mb": round(w.peak, 1), "peak_rss_delta_mb": None if w.delta is None else round(w.delta, 1),
-                       "device_peak_mb": None if r.device_peak_bytes() is None else round(r.device_peak_bytes() / 2**20, 1),
-                       "file_bytes": _file_bytes(t, r)}
+        dev_peak = r.device_peak_bytes()
+        mem[t.name] = Memory(peak_rss_mb=round(w.peak, 1), peak_rss_delta_mb=None if w.delta is None else round(w.delta, 1),
+                             device_peak_mb=None if dev_peak is None else round(dev_peak / 2**20, 1),
+                             file_bytes=_file_bytes(t, r))
         r.close()
     runners = {t.name: _runner(t, backend, batch, s, workdir) for t in live}
-    per_round = {t.name: [] for t in live}
-    samples = {t.name: [] for t in live}
+    per_round: dict[str, list[float]] = {t.name: [] for t in live}
+    samples: dict[str, list[float]] = {t.name: [] for t in live}
     with reporter.task(f"{backend} batch {batch}", s.rounds * len(live)) as advance:
         for rnd in range(s.rounds):
             for t in live:
@@ -171,30 +173,29 @@ def _one(live, baseline, backend, batch, s: Settings, counter, counter_reason, w
     for t in live:
         r = runners[t.name]
         summ = stats.summary(samples[t.name], batch)
+        throughput = summ.pop("throughput_ips")
         ov = backend == "openvino"
-        row = {"target": t.name, "backend": backend, "device": s.ov_device if ov else s.device, "batch_size": batch,
-               "inference_precision": r.info()["inference_precision"] if ov else None,
-               "latency_ms": {k: v for k, v in summ.items() if k != "throughput_ips"},
-               "throughput_ips": summ["throughput_ips"], "round_medians_ms": per_round[t.name],
-               "memory": mem[t.name], "runner": r.info(), "top1": t.top1, "params": t.params, "macs": t.macs,
-               "speedup": None}
+        speedup = None
         if baseline is not None and t is not baseline:
-            sp = stats.paired_speedup(per_round[baseline.name], per_round[t.name], s.confidence)
             flops_speedup = baseline.macs / t.macs if baseline.macs and t.macs else None
-            sp.update({"vs": baseline.name, "flops_speedup": flops_speedup,
-                       "flops_reduction": None if flops_speedup is None else 1 - 1 / flops_speedup,
-                       "realised_fraction": None if flops_speedup is None else sp["median"] / flops_speedup})
-            row["speedup"] = sp
+            sp = stats.paired_speedup(per_round[baseline.name], per_round[t.name], s.confidence)
+            speedup = Speedup(vs=baseline.name, **sp, flops_speedup=flops_speedup,
+                              flops_reduction=None if flops_speedup is None else 1 - 1 / flops_speedup,
+                              realised_fraction=None if flops_speedup is None else sp["median"] / flops_speedup)
         if s.energy_estimate_w is not None:
-            row["energy"] = energy.estimate(s.energy_estimate_w, r.run, batch, min(s.energy_window_s, 2.0)).to_json()
+            en = energy.estimate(s.energy_estimate_w, r.run, batch, min(s.energy_window_s, 2.0))
         elif counter is not None:
-            row["energy"] = energy.measure(counter, r.run, batch, s.energy_window_s, s.idle_s).to_json()
+            en = energy.measure(counter, r.run, batch, s.energy_window_s, s.idle_s)
         else:
-            row["energy"] = energy.unavailable(counter_reason).to_json()
+            en = energy.unavailable(counter_reason or "no energy counter")
+        rows.append(ResultRow(
+            target=t.name, backend=backend, device=s.ov_device if ov else s.device, batch_size=batch,
+            inference_precision=r.info()["inference_precision"] if ov else None, latency_ms=Latency(**summ),
+            throughput_ips=throughput, round_medians_ms=per_round[t.name], memory=mem[t.name], runner=r.info(),
+            top1=t.top1, params=t.params, macs=t.macs, energy=en, speedup=speedup))
         if s.breakdown:
-            doc["breakdown"].append({"target": t.name, "backend": backend, "batch_size": batch,
-                                     "top_ops": top_ops(r, t.onnx if backend == "onnxruntime" else None)})
-        rows.append(row)
+            doc.breakdown.append({"target": t.name, "backend": backend, "batch_size": batch,
+                                  "top_ops": top_ops(r, t.onnx if backend == "onnxruntime" else None)})
     for r in runners.values():
         r.close()
     return rows

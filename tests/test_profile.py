@@ -39,6 +39,40 @@ def test_paired_speedup_and_significance():
     assert not same["significant"] and same["ci_low"] <= 1 <= same["ci_high"]
 
 
+def test_profile_types_carry_every_field_the_schema_requires():
+    """The document is built from profilers.document's types: each type has the fields its part of the
+    schema requires, and a document built from them validates."""
+    import dataclasses
+
+    from profilers import document as d
+
+    def names(t):
+        return {f.name for f in dataclasses.fields(t)}
+
+    row = SCHEMA["properties"]["results"]["items"]
+    parts = [(d.ProfileDocument, SCHEMA), (d.ResultRow, row), (d.Latency, row["properties"]["latency_ms"]),
+             (d.Memory, row["properties"]["memory"]), (d.Speedup, row["properties"]["speedup"]),
+             (energy.EnergyResult, row["properties"]["energy"])]
+    for t, part in parts:
+        assert set(part["required"]) <= names(t), (t.__name__, set(part["required"]) - names(t))
+    lat = d.Latency(p50=1.0, p90=1.1, p99=1.2, mean=1.0, std=0.1, min=0.9, max=1.3, n=20)
+    sp = d.Speedup(vs="a", **stats.paired_speedup([2.0, 2.1, 2.2], [1.0, 1.0, 1.1]), flops_speedup=2.0,
+                   flops_reduction=0.5, realised_fraction=1.0)
+    r = d.ResultRow("b", "torch", "cpu", 1, None, lat, 1000.0, [1.0], d.Memory(10.0, None, None, None), {}, None, None,
+                    None, energy.unavailable("none here"), sp)
+    doc = d.ProfileDocument("2026-01-01T00:00:00+00:00", "compress profile", {
+        "host": "h", "os": "linux", "gpu": None, "torch_threads": 1,
+        "cpu": {k: None for k in ("model", "arch", "logical_cpus", "usable_cpus", "mhz_now", "governor")},
+        "versions": {k: None for k in ("python", "torch", "onnxruntime", "tensorrt")}},
+        {k: 1 for k in ("backends", "device", "batch_sizes", "threads", "rounds", "warmup", "min_iters", "min_time_s",
+                        "confidence")}, "a", [], [r])
+    data = doc.to_json()
+    jsonschema.validate(data, SCHEMA)
+    assert next(iter(data)) == "schema" and doc.row("b").speedup is sp
+    with pytest.raises(KeyError):
+        doc.row("b", backend="onnxruntime")
+
+
 @pytest.fixture(scope="module")
 def child(cnn_parent, tmp_path_factory):
     from cli.main import run

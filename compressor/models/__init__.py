@@ -23,7 +23,7 @@ def _vit_cifar(num_classes: int, in_chans: int = 3, img_size: int = 32, **kw):
     """A small ViT for 32x32 inputs, built with timm's VisionTransformer so every ViT path is timm's."""
     from timm.models.vision_transformer import VisionTransformer
 
-    cfg = dict(patch_size=4, embed_dim=192, depth=6, num_heads=12, mlp_ratio=2.0)
+    cfg: dict[str, Any] = dict(patch_size=4, embed_dim=192, depth=6, num_heads=12, mlp_ratio=2.0)
     cfg.update(kw)
     return VisionTransformer(img_size=img_size, in_chans=in_chans, num_classes=num_classes, **cfg)
 
@@ -147,11 +147,13 @@ def pretrained_normalisation(spec: ArchSpec, model: nn.Module) -> tuple[tuple, t
 def get_classifier(model: nn.Module) -> nn.Module:
     """The final linear layer (its input is the penultimate representation); for all-convolutional
     classifiers (SqueezeNet) the last convolution."""
-    if hasattr(model, "get_classifier"):
-        head = model.get_classifier()
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        head = get()
         if isinstance(head, nn.Linear):
             return head
-    last = last_conv = None
+    last: nn.Module | None = None
+    last_conv: nn.Module | None = None
     for m in model.modules():
         if isinstance(m, nn.Linear):
             last = m
@@ -166,8 +168,9 @@ def get_classifier(model: nn.Module) -> nn.Module:
 
 def reset_classifier(model: nn.Module, num_classes: int) -> nn.Module:
     """Give a library model a fresh head for `num_classes` (pretrained backbones on a new task)."""
-    if hasattr(model, "reset_classifier"):
-        model.reset_classifier(num_classes)
+    reset = getattr(model, "reset_classifier", None)
+    if callable(reset):
+        reset(num_classes)
         return model
     head = get_classifier(model)
     if not isinstance(head, nn.Linear):
