@@ -262,6 +262,8 @@ def _latency_aware(lm, ds, cfg, target: LatencyTarget, calib_size, dev, rep, set
               f"vs parent {p['measured_parent_ms']:.4g} ms: speedup {p['measured_speedup']:.2f}x "
               f"[{p['speedup_ci'][0]:.2f}, {p['speedup_ci'][1]:.2f}] ({100 * p['ci_confidence']:.0f}% CI, {p['rounds']} rounds); "
               f"prediction error {100 * p['prediction_error']:+.1f}%")
+    if summary.heads:
+        out.print("attention heads per block: " + ", ".join(f"{v[0]} -> {v[1]}" for v in summary.heads.values()))
     if summary.slower:
         worst = ", ".join(f"{r['layer']} {r['parent_ms']:.3g}->{r['child_ms']:.3g} ms" for r in p["slower_layers"][:3])
         out.print(f"warning: the pruned model is SLOWER than its parent on this backend (speedup interval below 1); "

@@ -1,10 +1,10 @@
 """Choose per-group widths that keep the most importance within a latency budget (NetAdapt-style greedy).
 
-The network's latency is modelled as a constant plus the sum over its conv/linear layers of a measured
-cost that depends on the layer's input and output widths: `cost(signature, c_in, c_out)` in ms. Each
-step removes, from one group, the block of its least important remaining units that loses the least
-importance per millisecond saved; several block sizes are tried per group, so a width the hardware
-dislikes (one that is slower than a wider one) is stepped over because the table says so. Pure
+The network's latency is modelled as a constant plus the sum over its conv/linear layers (and attention
+cores) of a measured cost that depends on the layer's input and output widths: `cost(signature, c_in,
+c_out)` in ms. Each step removes, from one group, the block of its least important remaining units that
+loses the least importance per millisecond saved; several block sizes are tried per group, so a width the
+hardware dislikes (one that is slower than a wider one) is stepped over because the table says so. Pure
 algorithm: the caller supplies the cost function (measured on the target, or a synthetic table in tests).
 """
 
@@ -40,7 +40,9 @@ class Group:
 
 @dataclass
 class Layer:
-    """A conv/linear layer: its widths come from groups (or are fixed, e.g. the image channels)."""
+    """A conv/linear layer (or an attention core): its widths come from groups (or are fixed, e.g. the
+    image channels). A group's width counts units; a unit may span several of the layer's dimensions
+    (a head is head_dim columns of proj and 3 x head_dim rows of qkv)."""
 
     name: str
     signature: str  # everything but the widths: kind, kernel, stride, groups mode, spatial size, batch
@@ -49,13 +51,15 @@ class Layer:
     in_fixed: int = 0
     out_fixed: int = 0
     depthwise: bool = False  # in = out = groups = the width of in_group
+    in_unit: int = 1  # layer dimensions per unit of in_group
+    out_unit: int = 1  # layer dimensions per unit of out_group
 
     def cost(self, cost: Cost, w: dict[str, int]) -> float:
         return cost(self.signature, *self.widths(w))
 
     def widths(self, w: dict[str, int]) -> tuple[int, int]:
-        c_in = w[self.in_group] if self.in_group is not None else self.in_fixed
-        c_out = w[self.out_group] if self.out_group is not None else self.out_fixed
+        c_in = w[self.in_group] * self.in_unit if self.in_group is not None else self.in_fixed
+        c_out = w[self.out_group] * self.out_unit if self.out_group is not None else self.out_fixed
         return (c_in, c_in) if self.depthwise else (c_in, c_out)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -152,7 +153,9 @@ def _bounded_groups():
 def _make_pruner(model: nn.Module, spec: InputSpec, cfg: WidthConfig, skip: frozenset[str] = frozenset()):
     """torch-pruning's pruner for this model; groups rooted at a module named in `skip` are left alone."""
     try:
-        with _bounded_groups():
+        with _bounded_groups(), warnings.catch_warnings():
+            # cls_token/pos_embed: torch-pruning's default (their last dimension, the embedding) is right
+            warnings.filterwarnings("ignore", "Unwrapped parameters detected", UserWarning)
             return _build_pruner(model, spec, cfg, skip)
     except GraphBlowUp:
         raise UserError(f"torch-pruning's dependency graph for {type(model).__name__} does not settle (more than "
@@ -320,6 +323,28 @@ def _fix_attention(model: nn.Module, pruner) -> dict[str, list[int]]:
     return heads
 
 
+def attention_heads(model: nn.Module) -> dict[str, int]:
+    """Heads of every timm Attention module, by name."""
+    from timm.layers import Attention
+
+    return {name: int(a.num_heads) for name, a in model.named_modules() if isinstance(a, Attention)}
+
+
+def _sync_attention_heads(model: nn.Module) -> dict[str, list[int]]:
+    """After whole heads were cut from qkv/proj by group surgery (head_dim kept): timm Attention's
+    num_heads and attn_dim from the new qkv width."""
+    from timm.layers import Attention
+
+    heads = {}
+    for name, a in model.named_modules():
+        if isinstance(a, Attention):
+            n = a.qkv.out_features // (3 * a.head_dim)
+            if n != a.num_heads:
+                heads[name] = [a.num_heads, n]
+                a.num_heads, a.attn_dim = n, n * a.head_dim
+    return heads
+
+
 def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
@@ -481,29 +506,39 @@ def planned_groups(model: nn.Module, spec: InputSpec, cfg: WidthConfig):
 
 
 def channel_groups(model: nn.Module, spec: InputSpec, cfg: WidthConfig | None = None):
-    """(pruner, groups with more than one unit) of a CNN's channels."""
-    if is_vit(model):
-        raise UserError("latency-aware pruning handles CNN channels; for a ViT use `sparsity`")
+    """(pruner, groups with more than one unit): a CNN's channel groups; a timm ViT's attention heads and
+    FFN neurons (the embedding width too where `scope` names it)."""
+    cfg = cfg or WidthConfig()
     model.eval()
-    pruner, ffn_ids = _make_pruner(model, spec, cfg or WidthConfig())
+    pruner, ffn_ids = _make_pruner(model, spec, cfg)
     infos = [i for i in describe(pruner, model, ffn_ids) if i.n_units > 1]
+    if is_vit(model):
+        kinds = {"head": "heads", "ffn": "ffn", "channel": "embed"}
+        infos = [i for i in infos if kinds.get(i.kind) in cfg.scope]
     if not infos:
         raise UserError("nothing to prune: the model has no prunable channel group")
     return pruner, infos
 
 
 def prune_to_widths(model: nn.Module, spec: InputSpec, remove: dict[str, list[int]]) -> dict:
-    """Remove the given root indices from each named channel group of `model` (its groups are found on
-    `model` itself); returns widths before/after."""
-    pruner, infos = channel_groups(model, spec)
-    return apply_widths(model, spec, pruner, infos, {i.name: remove[i.name] for i in infos if i.name in remove})
+    """Remove the given units (channels, heads, FFN neurons) from each named group of `model` (its groups
+    are found on `model` itself); returns widths before/after."""
+    pruner, infos = channel_groups(model, spec, WidthConfig(scope=("heads", "ffn", "embed")))
+    dims = {i.name: [d for u in remove[i.name] for d in i.unit_dims(u)] for i in infos if i.name in remove}
+    if is_vit(model):
+        changed = apply_widths(model, spec, pruner, infos, dims, check=False)
+        _sync_attention_heads(model)
+        check_runs(model, spec, "after pruning")
+        return changed
+    return apply_widths(model, spec, pruner, infos, dims)
 
 
 def unit_scores(model: nn.Module, spec: InputSpec, cfg: WidthConfig, calib: ImageSet | None = None,
                 device: str | torch.device = "cpu", reporter: Reporter = QUIET):
-    """(pruner, groups, {group name: importance per unit}) for CNN channel groups, scores comparable
-    across groups (magnitude-type metrics divided by their group's mean, as torch-pruning's global
-    ranking does; kl is an absolute damage already)."""
+    """(pruner, groups, {group name: importance per unit}) for the groups of channel_groups, scores
+    comparable across groups (magnitude-type metrics divided by their group's mean, as torch-pruning's
+    global ranking does; kl is an absolute damage already). A head's score is the mean over its
+    dimensions, as torch-pruning ranks heads."""
     import numpy as np
 
     validate(cfg)
@@ -518,6 +553,8 @@ def unit_scores(model: nn.Module, spec: InputSpec, cfg: WidthConfig, calib: Imag
         if s is None:
             raise UserError(f"metric {cfg.metric} gives no scores for {i.name}")
         s = s.detach().float().cpu().numpy().astype(np.float64)
+        if len(s) == i.n_dims and i.unit_size > 1:
+            s = s.reshape(i.n_units, i.unit_size).mean(1)
         if cfg.metric not in ("kl",) and s.mean() > 0:
             s = s / s.mean()
         scores[i.name] = s
@@ -551,7 +588,8 @@ def layer_groups(pruner, infos: list[GroupInfo], model: nn.Module) -> dict[str, 
     return out
 
 
-def apply_widths(model: nn.Module, spec: InputSpec, pruner, infos: list[GroupInfo], remove: dict[str, list[int]]) -> dict:
+def apply_widths(model: nn.Module, spec: InputSpec, pruner, infos: list[GroupInfo], remove: dict[str, list[int]],
+                 check: bool = True) -> dict:
     """Remove the given root indices from each named group (torch-pruning surgery); returns widths before/after."""
     before = _widths(model)
     by_name = {i.name: i for i in infos}
@@ -561,6 +599,7 @@ def apply_widths(model: nn.Module, spec: InputSpec, pruner, infos: list[GroupInf
                 continue
             dep = by_name[name].group[0].dep
             pruner.DG.get_pruning_group(dep.target.module, dep.handler, idxs).prune()
-    check_runs(model, spec, "after pruning")
+    if check:
+        check_runs(model, spec, "after pruning")
     after = _widths(model)
     return {n: [before[n], after[n]] for n in after if n in before and before[n] != after[n]}

@@ -1,9 +1,10 @@
 """`compress prune --target-speedup S`: widths chosen for measured speed on the target backend.
 
-1. Score every unit of every channel group with --metric (compressor.pruning.unit_scores).
-2. Build the latency model: each conv/linear layer's cost at given in/out widths, measured alone on the
-   target (profilers.layer_latency, cached), calibrated against the whole parent measured on the same
-   backend, so predictions are in real milliseconds.
+1. Score every unit (channel; a ViT's head or FFN neuron) of every group with --metric
+   (compressor.pruning.unit_scores).
+2. Build the latency model: each conv/linear layer's (and attention core's) cost at given in/out widths,
+   measured alone on the target (profilers.layer_latency, cached), calibrated against the whole parent
+   measured on the same backend, so predictions are in real milliseconds.
 3. Choose widths (compressor.latency_plan: least importance lost per ms saved, until the budget).
 4. Prune, then measure parent and child in interleaved rounds and report predicted vs measured.
 """
@@ -23,7 +24,7 @@ from compressor.latency_plan import Group, Layer, ladder, plan_widths, removal_i
 from compressor.modeldir import LoadedModel, ModelRecord, run_info
 from compressor.models import clone
 from compressor.progress import QUIET, Reporter
-from compressor.pruning import WidthConfig, layer_groups, prune_to_widths, unit_scores
+from compressor.pruning import WidthConfig, attention_heads, layer_groups, prune_to_widths, unit_scores
 from compressor.workflows import PruneResult, measure
 from profilers.layer_latency import LayerLatency, op_shapes
 from profilers.paired import model_runner, paired
@@ -73,7 +74,8 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
     t0 = time.perf_counter()
     pruner, infos, scores = unit_scores(parent, spec, cfg, calib, device, reporter)
     layers = _layers(parent, pruner, infos, op_shapes(parent, shape), table)
-    groups = [Group(i.name, i.n_units, scores[i.name], ladder(i.n_units, cfg.round_to, min_fraction=target.min_fraction))
+    groups = [Group(i.name, i.n_units, scores[i.name],  # `round_to` counts channels, not heads
+                    ladder(i.n_units, None if i.kind == "head" else cfg.round_to, min_fraction=target.min_fraction))
               for i in infos]
     with tempfile.TemporaryDirectory(prefix="compress-latency-") as tmp:
         fit = _calibrate(parent, spec, groups, layers, table, target, Path(tmp), reporter)
@@ -151,7 +153,9 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
         proof["slower_layers"] = _worst_layers(layers, table, groups, best["widths"])
     rec = lm.record.child()
     rec.metrics = {**after, "latency": proof}
-    res = PruneResult(before, after, round(table_s, 2), best["changed"], calib_images=None if calib is None else len(calib),
+    heads_before, heads_after = attention_heads(parent), attention_heads(model)
+    heads = {n: [h, heads_after[n]] for n, h in heads_before.items() if heads_after.get(n, h) != h}
+    res = PruneResult(before, after, round(table_s, 2), best["changed"], heads, calib_images=None if calib is None else len(calib),
                       latency=proof, slower=slow)
     rec.lineage.append(run_info("prune", {**(settings or {}), **cfg.to_json(), **target.to_json(), "structure": "width",
                                           "calib_size": res.calib_images},
@@ -221,9 +225,13 @@ def _calibrate(parent, spec, groups, layers, table, target, tmp: Path, reporter)
 
 
 def _layers(model: nn.Module, pruner, infos, ops, table: LayerLatency) -> list[Layer]:
+    """Every conv/linear layer and attention core that runs, with the groups that set its widths (a group
+    outside the plan, e.g. a ViT's embedding width, counts as fixed)."""
     modules = dict(model.named_modules())
+    units = {i.name: i.n_units for i in infos}
     out = []
-    for name, (gin, gout) in layer_groups(pruner, infos, model).items():
+    roles = layer_groups(pruner, infos, model)
+    for name, (gin, gout) in roles.items():
         op = ops.get(name)
         if op is None:
             continue  # never ran in the forward pass
@@ -232,9 +240,19 @@ def _layers(model: nn.Module, pruner, infos, ops, table: LayerLatency) -> list[L
         m = modules[name]
         c_in = m.in_channels if isinstance(m, nn.modules.conv._ConvNd) else m.in_features
         c_out = m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
+        gin, gout = (gin if gin in units else None), (gout if gout in units else None)
         if op.depthwise:
             gin = gout
-        out.append(Layer(name, table.register(op), gin, gout, c_in, c_out, op.depthwise))
+        out.append(Layer(name, table.register(op), gin, gout, int(c_in), int(c_out), op.depthwise,
+                         in_unit=int(c_in) // units[gin] if gin else 1, out_unit=int(c_out) // units[gout] if gout else 1))
+    for name, op in ops.items():  # attention cores: their width is the head count of their qkv's group
+        if op.kind != "attention":
+            continue
+        attn = name.removesuffix(":core")
+        heads = int(getattr(modules[attn], "num_heads"))
+        g = roles.get(f"{attn}.qkv", (None, None))[1]
+        g = g if g in units else None
+        out.append(Layer(name, table.register(op), g, g, heads, heads))
     return out
 
 

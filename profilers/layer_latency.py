@@ -1,4 +1,5 @@
-"""Measured latency of single conv/linear layers at given widths, on the target backend, cached on disk.
+"""Measured latency of single conv/linear layers (and attention cores) at given widths, on the target
+backend, cached on disk.
 
 Each entry is one layer built alone with the real kernel, stride, padding, groups mode, input spatial
 size and batch, timed on the backend (ONNX Runtime, OpenVINO: a one-node graph; torch: the module), minus the
@@ -33,7 +34,7 @@ LATENCY_BACKENDS = ("onnxruntime", "torch", "openvino")
 class OpShape:
     """Everything about a layer but its widths."""
 
-    kind: str  # "conv" | "linear"
+    kind: str  # "conv" | "linear" | "attention" (softmax(q k^T) v over heads; kernel = (head_dim,))
     kernel: tuple[int, ...] = ()
     stride: tuple[int, ...] = ()
     padding: tuple[int, ...] = ()
@@ -49,9 +50,17 @@ class OpShape:
 
 
 def op_shapes(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, OpShape]:
-    """OpShape of every conv/linear layer, from one forward pass (the spatial size each one sees)."""
+    """OpShape of every conv/linear layer, from one forward pass (the spatial size each one sees), and of
+    every timm attention core, named `<attention module>:core` (its width is the number of heads)."""
     seen: dict[str, OpShape] = {}
     handles = []
+    attention = _timm_attention()
+
+    def core_hook_for(name):
+        def hook(m, args):
+            seen[f"{name}:core"] = OpShape("attention", kernel=(int(m.head_dim),), spatial=(int(args[0].shape[1]),),
+                                           bias=False)
+        return hook
 
     def hook_for(name):
         def hook(m, args):
@@ -69,6 +78,8 @@ def op_shapes(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, 
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             handles.append(m.register_forward_pre_hook(hook_for(name)))
+        elif attention is not None and isinstance(m, attention):
+            handles.append(m.register_forward_pre_hook(core_hook_for(name)))
         elif isinstance(m, nn.modules.conv._ConvNd):
             raise UserError(f"latency-aware pruning handles 2-D convolutions; {name} is a {type(m).__name__}")
     try:
@@ -78,6 +89,14 @@ def op_shapes(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, 
         for h in handles:
             h.remove()
     return seen
+
+
+def _timm_attention():
+    try:
+        from timm.layers import Attention
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return None
+    return Attention
 
 
 def _pad(m: nn.Conv2d) -> tuple[int, ...]:
@@ -97,6 +116,8 @@ def _conv_module(op: OpShape, c_in: int, c_out: int) -> nn.Module:
 
 
 def _input_shape(op: OpShape, batch: int, c_in: int) -> tuple[int, ...]:
+    if op.kind == "attention":
+        return (batch, c_in, *op.spatial, *op.kernel)  # batch, heads, tokens, head_dim
     return (batch, c_in, *op.spatial) if op.kind == "conv" else (batch, *op.spatial, c_in)
 
 
@@ -134,6 +155,12 @@ class _OrtTimer:
         x_shape = _input_shape(op, batch, c_in)
 
         def nodes():
+            if op.kind == "attention":  # q = k = v = x: the same shapes and work as the real core
+                scale = numpy_helper.from_array(np.array(op.kernel[0] ** -0.5, np.float32), "scale")
+                return [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 1, 3, 2]),
+                        helper.make_node("MatMul", ["x", "xt"], ["s"]), helper.make_node("Mul", ["s", "scale"], ["ss"]),
+                        helper.make_node("Softmax", ["ss"], ["p"], axis=-1),
+                        helper.make_node("MatMul", ["p", "x"], ["y"])], [scale]
             if op.kind == "conv":
                 out_c = c_in if op.depthwise else c_out
                 groups = c_in if op.depthwise else 1
@@ -237,8 +264,10 @@ class _TorchTimer:
         return float(np.median(lat))
 
     def op(self, op: OpShape, batch: int, c_in: int, c_out: int, min_time_s: float) -> float:
-        m = _conv_module(op, c_in, c_out).to(self.device).eval()
         x = torch.randn(_input_shape(op, batch, c_in), device=self.device)
+        if op.kind == "attention":  # timm's fused path
+            return self._run(lambda t: nn.functional.scaled_dot_product_attention(t, t, t), x, min_time_s)
+        m = _conv_module(op, c_in, c_out).to(self.device).eval()
         return self._run(m, x, min_time_s)
 
     def overhead(self, shape, min_time_s: float) -> float:

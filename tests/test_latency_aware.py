@@ -165,3 +165,80 @@ def test_ladder_floor_and_best_effort_plan():
         g.ladder = ladder(32, min_fraction=0.5)
     plan = plan_widths(groups, layers, cost, 0.0, best_effort=True)  # out of reach: the fastest allowed plan
     assert all(w == 16 for w in plan.widths.values())
+
+
+def test_vit_heads_and_ffn_cut_by_width_equal_masking_them():
+    """A ViT's heads and FFN neurons removed by the latency-aware surgery give the outputs of the unpruned
+    model with exactly those units zeroed at their consumers, and timm's num_heads follows."""
+    import torch
+
+    from compressor.data import InputSpec
+    from compressor.models import _vit_cifar, clone
+    from compressor.pruning import attention_heads, channel_groups, prune_to_widths
+    from compressor.structures import Masks
+
+    torch.manual_seed(0)
+    model = _vit_cifar(10, depth=2, embed_dim=48, num_heads=4, img_size=16).eval()
+    spec = InputSpec(3, 16, 16, (0.5,) * 3, (0.25,) * 3)
+    _, infos = channel_groups(model, spec)
+    assert sorted(i.kind for i in infos) == ["ffn", "ffn", "head", "head"]  # the embedding width is out of scope
+    remove = {i.name: ([0, 2] if i.kind == "head" else list(range(0, 96, 3))) for i in infos}
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad(), Masks() as masks:
+        for i in infos:
+            masks.set(i, [d for u in remove[i.name] for d in i.unit_dims(u)])
+        want = model(x)
+    child = clone(model)
+    prune_to_widths(child, spec, remove)
+    assert list(attention_heads(child).values()) == [2, 2]
+    assert child.blocks[0].mlp.fc1.out_features == 64
+    with torch.no_grad():
+        assert torch.allclose(child(x), want, atol=1e-5)
+
+
+def test_vit_latency_layers_include_attention_cores_in_heads():
+    """The latency model of a ViT: qkv/proj widths in head units (3 x head_dim rows, head_dim columns),
+    the attention core sized by the head count, the embedding width fixed."""
+    from compressor.data import InputSpec
+    from compressor.models import _vit_cifar
+    from compressor.pruning import WidthConfig, unit_scores
+    from orchestration.latency_prune import _layers
+    from profilers.layer_latency import LayerLatency, op_shapes
+
+    model = _vit_cifar(10, depth=1, embed_dim=48, num_heads=4, img_size=16).eval()
+    spec = InputSpec(3, 16, 16, (0.5,) * 3, (0.25,) * 3)
+    pruner, infos, scores = unit_scores(model, spec, WidthConfig())
+    assert {len(scores[i.name]) for i in infos if i.kind == "head"} == {4}  # one score per head
+    layers = {lay.name: lay for lay in _layers(model, pruner, infos, op_shapes(model, (3, 16, 16)),
+                                               LayerLatency("onnxruntime", "cpu", 1))}
+    heads = next(i.name for i in infos if i.kind == "head")
+    w = {i.name: i.n_units for i in infos} | {heads: 3}
+    assert layers["blocks.0.attn.qkv"].widths(w) == (48, 3 * 36)
+    assert layers["blocks.0.attn.proj"].widths(w) == (36, 48)
+    assert layers["blocks.0.attn:core"].widths(w) == (3, 3)
+    assert layers["patch_embed.proj"].widths(w) == (3, 48)
+
+
+def test_real_onnxruntime_attention_core_grows_with_heads():
+    from profilers.layer_latency import LayerLatency, OpShape
+
+    t = LayerLatency("onnxruntime", "cpu", 8, 1, None, min_time_s=0.05)
+    key = t.register(OpShape("attention", kernel=(32,), spatial=(64,), bias=False))
+    assert 0 <= t(key, 1, 1) < t(key, 12, 12)
+
+
+def test_end_to_end_latency_aware_vit(cli, vit_parent, tmp_path):
+    """Heads and FFN neurons of a timm ViT under a measured budget; the child reloads."""
+    out = tmp_path / "vit"
+    code, text, err = cli("prune", "--model", vit_parent, "--target-speedup", "1.2", "--latency-batch", "8",
+                          "--latency-cache", tmp_path / "cache", "--latency-rounds", "3", "--latency-iterations", "1",
+                          "--threads", "1", "--out", out, "-q", expect=None)
+    if code == 2:
+        assert "not reached" in err and err.count("\n") == 1 and not out.exists()
+        return
+    assert code == 0, err
+    rec = json.loads((out / "model.json").read_text())
+    widths = rec["lineage"][-1]["metrics"]["latency"]["widths"]
+    assert any(".attn." in g for g in widths) and any(".mlp." in g for g in widths)
+    assert any(after < before for before, after in widths.values())
+    cli("info", out)
