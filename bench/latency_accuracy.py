@@ -19,6 +19,7 @@ compress("finetune", "--model", "resnet20", "--data", "fashion-mnist", "--data-d
          "--test-size", 2000, "--epochs", 8, "--optimizer", "sgd", "--lr", 0.05, "--lr-schedule", "cosine",
          "--out", parent, "--overwrite", "-q", log=log, done=(parent / "model.json").exists())
 acc_rows = []
+verdicts = []
 runs = {}
 for seed in (0, 1, 2):  # one speed-matched grid per seed (compress compare --target-speedups)
     d = base / "fmnist" / f"matched_s{seed}"
@@ -36,6 +37,11 @@ for t in ("1p5", "2"):
     top = lambda xs: [x["top1_after_ft"] for x in xs]  # noqa: E731
     diffs = [a["top1_after_ft"] - b["top1_after_ft"] for a, b in ok]
     ms = lambda xs: f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"  # noqa: E731
+    if len(diffs) > 1:  # a difference is claimed only beyond two standard errors of the per-seed differences
+        m, se = statistics.mean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
+        verdicts.append(f"{t.replace('p', '.')}x: " + (f"latency-aware {'higher' if m > 0 else 'lower'} by {abs(m):.2f} "
+                        f"points (beyond 2 standard errors, {len(diffs)} seeds)" if abs(m) > 2 * se else
+                        f"no difference measured ({m:+.2f}, 2 standard errors = {2 * se:.2f})"))
     acc_rows.append([t.replace("p", ".") + "x", ms(top([a for a, _ in ok])), ms(top([b for _, b in ok])), ms(diffs),
                      ", ".join(f"{a['speedup']['median']:.2f}x" for a, _ in ok),
                      ", ".join(f"{b['speedup']['median']:.2f}x" for _, b in ok)])
@@ -46,7 +52,8 @@ body = [
          "child's measured speedup. *difference* is latency-aware minus uniform per seed; speedups are measured after "
          "fine-tuning (ONNX Runtime, batch 32).", "",
          md_table(["target", "latency-aware top-1", "uniform top-1", "difference", "latency-aware speedups",
-                   "uniform speedups"], acc_rows)]
+                   "uniform speedups"], acc_rows), "",
+         "Verdict: " + "; ".join(verdicts) + "." if verdicts else ""]
 
 
 write_section("latency_accuracy", "Latency-aware vs uniform pruning at matched measured speedup (issue 14)",
