@@ -47,7 +47,7 @@ def gpu_identity() -> dict:
     return {"name": p.name, "compute_capability": f"{p.major}.{p.minor}"}
 
 
-def build_engine(onnx_path: Path, out: Path, *, precision: str, shape: tuple[int, int, int], min_batch: int = 1,
+def build_engine(onnx_path: Path, out: Path, *, precision: str, shape: tuple[int, ...], min_batch: int = 1,
                  opt_batch: int = 8, max_batch: int = 64, workspace_gb: float = 4.0, timing_cache: Path | None = None,
                  version_compatible: bool = False) -> dict:
     trt = require_tensorrt()

@@ -2,7 +2,7 @@
 backend, cached on disk.
 
 Each entry is one layer built alone with the real kernel, stride, padding, groups mode, input spatial
-size and batch, timed on the backend (ONNX Runtime, OpenVINO: a one-node graph; torch: the module), minus the
+size and batch, timed on the backend (ONNX Runtime, OpenVINO, TensorRT: a one-node graph; torch: the module), minus the
 backend's per-call overhead measured on an Identity of the same input. Entries are cached in one JSON
 file per (machine, backend, device, versions, batch, threads) fingerprint, so a table is reused across
 models and runs and a different machine or version never reads another's numbers.
@@ -27,7 +27,7 @@ from compressor.errors import UserError
 
 from . import sysinfo
 
-LATENCY_BACKENDS = ("onnxruntime", "torch", "openvino")
+LATENCY_BACKENDS = ("onnxruntime", "torch", "openvino", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -219,17 +219,53 @@ class _OvSession:
         return self.request.infer({0: feeds["x"]})
 
 
+class _TrtTimer(_OrtTimer):
+    """The same one-node graphs, each built into a TensorRT engine (fp32, TF32 off: the precision the
+    whole-model check runs at) for the exact batch, and timed with CUDA events. Building takes seconds per
+    entry; the timing cache next to the table makes rebuilds of similar layers fast."""
+
+    def __init__(self, timing_cache: Path | None):
+        from exporters.tensorrt_export import require_tensorrt
+
+        require_tensorrt()  # "not available here: ..." before any work
+        super().__init__(None)
+        self.timing_cache = timing_cache
+
+    def _session(self, node_fn, x_shape):
+        import tempfile
+
+        from exporters.tensorrt_export import build_engine
+
+        from .runners import TrtRunner
+
+        with tempfile.TemporaryDirectory(prefix="compress-trt-layer-") as tmp:
+            onnx_path, plan = Path(tmp) / "op.onnx", Path(tmp) / "op.plan"
+            onnx_path.write_bytes(self._graph(node_fn, x_shape))
+            b = x_shape[0]
+            build_engine(onnx_path, plan, precision="fp32", shape=tuple(x_shape[1:]), min_batch=b, opt_batch=b,
+                         max_batch=b, workspace_gb=1.0, timing_cache=self.timing_cache)
+            return TrtRunner(plan, b)  # the engine is in memory from here on
+
+
 def _time(sess, shape, min_time_s: float) -> float:
-    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    """Median ms of one call: wall clock around an ONNX-Runtime-style run, or the runner's own clock (CUDA
+    events for a TensorRT engine)."""
+    if hasattr(sess, "time_once"):
+        once = sess.time_once
+    else:
+        x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+
+        def once() -> float:
+            t0 = time.perf_counter()
+            sess.run(None, {"x": x})
+            return (time.perf_counter() - t0) * 1000.0
     for _ in range(3):
-        sess.run(None, {"x": x})
+        once()
     lat: list[float] = []
     t_end = time.perf_counter() + min_time_s
     while len(lat) < 7 or (time.perf_counter() < t_end and len(lat) < 500):
-        t0 = time.perf_counter()
-        sess.run(None, {"x": x})
-        lat.append(time.perf_counter() - t0)
-    return float(np.median(lat)) * 1000.0
+        lat.append(once())
+    return float(np.median(lat))
 
 
 class _TorchTimer:
@@ -281,7 +317,7 @@ def fingerprint(backend: str, device: str, batch: int, threads: int | None) -> d
     gpu = (m.get("gpu") or {}).get("name") if device == "cuda" else None
     return {"cpu": m["cpu"].get("model"), "cpus": m["cpu"].get("usable_cpus"), "gpu": gpu, "backend": backend,
             "device": device, "batch": batch, "threads": threads,
-            "versions": {k: m["versions"].get(k) for k in ("torch", "onnxruntime", "openvino")}, "format": 1}
+            "versions": {k: m["versions"].get(k) for k in ("torch", "onnxruntime", "openvino", "tensorrt")}, "format": 1}
 
 
 class LayerLatency:
@@ -299,16 +335,20 @@ class LayerLatency:
         self.batch, self.min_time_s = batch, min_time_s
         if backend == "openvino" and device not in ("cpu", "gpu", "npu"):
             raise UserError("`latency_backend` openvino measures on OpenVINO's devices: `latency_device` cpu, gpu or npu")
+        if backend == "tensorrt" and device != "cuda":
+            raise UserError("`latency_backend` tensorrt measures on an NVIDIA GPU: use `latency_device` cuda")
+        self.print = fingerprint(backend, device, batch, threads)
+        digest = hashlib.sha256(json.dumps(self.print, sort_keys=True).encode()).hexdigest()[:16]
+        self.path = None if cache_dir is None else Path(cache_dir) / f"latency-{backend}-{device}-b{batch}-{digest}.json"
         self.timer: _OrtTimer | _TorchTimer
         if backend == "onnxruntime":
             self.timer = _OrtTimer(threads)
         elif backend == "openvino":
             self.timer = _OvTimer(device, threads)
+        elif backend == "tensorrt":
+            self.timer = _TrtTimer(None if self.path is None else self.path.with_suffix(".trt-timing-cache"))
         else:
             self.timer = _TorchTimer(device, threads)
-        self.print = fingerprint(backend, device, batch, threads)
-        digest = hashlib.sha256(json.dumps(self.print, sort_keys=True).encode()).hexdigest()[:16]
-        self.path = None if cache_dir is None else Path(cache_dir) / f"latency-{backend}-{device}-b{batch}-{digest}.json"
         self.entries: dict[str, float] = {}
         self.overheads: dict[str, float] = {}
         self.ops: dict[str, OpShape] = {}

@@ -8,12 +8,13 @@ import numpy as np
 import torch.nn as nn
 
 from . import stats
-from .runners import OrtRunner, OvRunner, Runner, TorchRunner, measure
+from .runners import OrtRunner, OvRunner, Runner, TorchRunner, TrtRunner, measure
 
 
 def model_runner(model: nn.Module, backend: str, device: str, batch: int, shape: tuple[int, int, int], workdir: Path,
                  name: str, threads: int | None = None) -> Runner:
-    """A runner for an in-memory model: torch directly, ONNX Runtime and OpenVINO (f32) through a checked ONNX export."""
+    """A runner for an in-memory model: torch directly; ONNX Runtime, OpenVINO (f32) and TensorRT (fp32, an
+    engine for this batch) through a checked ONNX export."""
     if backend == "torch":
         return TorchRunner(model, shape, batch, device)
     from exporters.onnx_export import export
@@ -23,6 +24,12 @@ def model_runner(model: nn.Module, backend: str, device: str, batch: int, shape:
     export(model.cpu().eval(), shape, path, inputs=x, inputs_are="8 random inputs")
     if backend == "openvino":
         return OvRunner(path, batch, device, threads)
+    if backend == "tensorrt":
+        from exporters.tensorrt_export import build_engine
+
+        plan = workdir / f"{name}.plan"
+        build_engine(path, plan, precision="fp32", shape=shape, min_batch=batch, opt_batch=batch, max_batch=batch)
+        return TrtRunner(plan, batch)
     return OrtRunner(path, batch, device, threads)
 
 

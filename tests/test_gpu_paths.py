@@ -153,6 +153,68 @@ def test_timing_cache_from_another_gpu_is_replaced(with_trt, tmp_path):
     assert info["timing_cache_note"] == "reused"
 
 
+def test_tensorrt_latency_table_builds_a_static_fp32_engine_per_entry(with_trt, monkeypatch, tmp_path):
+    """`--latency-backend tensorrt`: each table entry is our one-node ONNX graph, parsed and built by
+    TensorRT for the exact batch in fp32 (TF32 off), timed by the engine runner, minus the Identity overhead.
+    The fake parser times a graph by its weight count, so width must show in the entries."""
+    import onnx
+
+    trt, _ = with_trt("10.12.0")
+    graphs = []
+
+    class Parser:
+        def __init__(self, network, logger):
+            self.num_errors = 0
+
+        def parse_from_file(self, path):
+            graphs.append(onnx.load(path))
+            return True
+
+    trt.OnnxParser = Parser
+
+    class FakeRunner:  # the engine runner, whose own clock answers the timer
+        def __init__(self, plan, batch):
+            g = graphs[-1].graph
+            self.batch = batch
+            self.shape = [d.dim_value for d in g.input[0].type.tensor_type.shape.dim]
+            self.ms = 0.01 + 1e-6 * sum(int(torch.tensor(list(w.dims)).prod()) for w in g.initializer)
+
+        def time_once(self):
+            return self.ms
+
+    import profilers.runners as runners
+    from profilers import sysinfo
+    from profilers.layer_latency import LayerLatency, OpShape
+
+    monkeypatch.setattr(runners, "TrtRunner", FakeRunner)
+    monkeypatch.setattr(sysinfo, "describe", lambda: {"cpu": {"model": "cpu", "usable_cpus": 2}, "gpu": {"name": "Fake GPU"},
+                                                      "versions": {"tensorrt": trt.__version__}})
+    with pytest.raises(UserError, match="latency_device` cuda"):
+        LayerLatency("tensorrt", "cpu", 8)
+    table = LayerLatency("tensorrt", "cuda", 8, cache_dir=tmp_path)
+    key = table.register(OpShape("conv", (3, 3), (1, 1), (1, 1), (1, 1), False, (16, 16), True))
+    narrow, wide = table(key, 8, 8), table(key, 8, 64)
+    assert narrow == pytest.approx(1e-6 * (8 * 8 * 9 + 8)) and wide == pytest.approx(1e-6 * (64 * 8 * 9 + 64))
+    assert graphs[-1].graph.node[0].op_type == "Conv"
+    assert [d.dim_value for d in graphs[-1].graph.input[0].type.tensor_type.shape.dim] == [8, 8, 16, 16]
+    _, flags = trt.built[-1]
+    assert trt.BuilderFlag.TF32 not in flags  # fp32 entries, as the whole-model check
+    table.save()
+    assert list(tmp_path.glob("latency-tensorrt-cuda-b8-*.json"))
+
+
+def test_tensorrt_latency_backend_without_a_gpu_says_so():
+    import importlib.util
+
+    from profilers.layer_latency import LayerLatency
+
+    if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
+        pytest.skip("TensorRT and a GPU are here: the real path runs")
+
+    with pytest.raises(NotAvailable):
+        LayerLatency("tensorrt", "cuda", 1)
+
+
 class FakeEngine:
     """An engine built with an optimization profile for batch 1..8; TensorRT 11 has no device_memory_size."""
 
