@@ -16,7 +16,7 @@ from compressor.importance import KL_DEFAULT, METRICS, REGISTRY, check_kl_direct
 from compressor.layers import LAYER_METRICS, find_blocks
 from compressor.modeldir import LoadedModel, load_model_dir, save_model_dir, write_model_files
 from compressor.models import is_vit
-from compressor.pruning import WidthConfig, validate
+from compressor.pruning import WidthConfig, sparsity_for, validate
 from compressor.workflows import (PruneResult, Source, dataset_for, get_model, keep_holdout, layer_prune, parse_model_args,
                                   pick_device, width_prune)
 from orchestration.auto_loop import AutoConfig, run as run_auto
@@ -45,6 +45,8 @@ def prune(
     out_dir: Out = None,
     metric: Annotated[str, typer.Option(help=f"Importance: {', '.join(METRICS)}.")] = "l2",
     sparsity: Annotated[float, typer.Option(help="Fraction of channels / heads / FFN neurons removed in every layer, 0 <= S < 1.")] = 0.5,
+    keep_params: Annotated[Optional[float], typer.Option(help="Instead of --sparsity: the uniform sparsity whose child keeps this fraction of the parameters (e.g. 0.75), to compare methods at matched size.")] = None,
+    keep_macs: Annotated[Optional[float], typer.Option(help="Instead of --sparsity: the uniform sparsity whose child keeps this fraction of the MACs.")] = None,
     scope: Annotated[str, typer.Option(help="ViT: comma list of heads, ffn, embed.")] = "heads,ffn",
     ffn_metric: Annotated[str, typer.Option(help="ViT: metric for FFN neurons (the metric-comparison study uses l2).")] = "l2",
     global_ranking: Annotated[bool, typer.Option("--global", help="Rank across layers instead of a uniform ratio per layer.")] = False,
@@ -78,6 +80,7 @@ def prune(
             raise UserError(f"{given[0]} goes after `prune {ctx.invoked_subcommand}`, not before it")
         return
     model, out_dir = _required(model, out_dir)
+    keep = _keep_target(ctx, keep_params, keep_macs, target_speedup is not None or target_latency_ms is not None)
     if calib_size is None:
         used = [REGISTRY[m] for m in {metric, ffn_metric} if m in REGISTRY and REGISTRY[m].needs_data]
         calib_size = max((m.calib_default for m in used), default=3000)
@@ -101,9 +104,14 @@ def prune(
     if target is not None:
         _latency_aware(lm, ds, cfg, target, calib_size, dev, rep, settings, out_dir)
         return
+    if keep is not None:
+        what, fraction = keep
+        cfg.sparsity, got = sparsity_for(lm.model, lm.record.input, cfg, what, fraction, dev, rep)
+        settings = {**settings, f"keep_{what}": fraction, f"kept_{what}": round(got, 4)}
+        out.print(f"sparsity {cfg.sparsity:.4f} keeps {100 * got:.1f}% of the {what} (asked {100 * fraction:g}%)")
     pruned, rec, summary = width_prune(lm, ds, cfg, calib_size, dev, rep, settings)
     save_model_dir(out_dir, pruned, rec)
-    _report_width(summary, f"width pruning, {metric}, sparsity {sparsity}", sparsity, out_dir)
+    _report_width(summary, f"width pruning, {metric}, sparsity {cfg.sparsity:.4g}", cfg.sparsity, out_dir)
 
 
 @app.command("layers")
@@ -202,6 +210,24 @@ def auto(
         out.print("warning: the held-out images were in the parent's training data (retrain it with compress finetune "
                   "--holdout 0.1 for an unseen held-out split); recorded in auto_log.json", style="bold red")
     out.print(f"path {log['path']}; stopped: {log['stopped']}; final = {log['final']}; wrote {out_dir} (log: auto_log.md)")
+
+
+def _keep_target(ctx: typer.Context, keep_params: float | None, keep_macs: float | None,
+                 latency: bool) -> tuple[str, float] | None:
+    """("params" | "macs", fraction) when the child's size is asked for instead of a sparsity."""
+    given = [(w, v) for w, v in (("params", keep_params), ("macs", keep_macs)) if v is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise UserError("give one of --keep-params and --keep-macs")
+    if latency:
+        raise UserError(f"--keep-{given[0][0]} and --target-speedup/--target-latency-ms choose widths two ways; give one")
+    if getattr(ctx.get_parameter_source("sparsity"), "name", "") == "COMMANDLINE":
+        raise UserError(f"--keep-{given[0][0]} chooses the sparsity; do not also give --sparsity")
+    what, fraction = given[0]
+    if not (0.0 < fraction < 1.0):
+        raise UserError(f"--keep-{what} must be in (0, 1), got {fraction}")
+    return what, fraction
 
 
 def _required(model: str | None, out_dir: Path | None) -> tuple[str, Path]:

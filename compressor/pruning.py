@@ -472,6 +472,55 @@ def prune_width(model: nn.Module, spec: InputSpec, cfg: WidthConfig, calib: Imag
     )
 
 
+def sparsity_for(model: nn.Module, spec: InputSpec, cfg: WidthConfig, what: str, keep: float, device="cpu",
+                 reporter: Reporter = QUIET, steps: int = 10) -> tuple[float, float]:
+    """(sparsity, kept fraction): the uniform per-layer sparsity whose child keeps the share `keep` of the
+    parent's `what` ("params" or "macs"), found by bisection on pruned copies. With per-layer ranking a
+    child's widths depend on the sparsity alone, so the copies are ranked by L2 (data-free) whatever the
+    metric of the real run."""
+    from dataclasses import replace
+
+    from .flops import count
+
+    if what not in ("params", "macs"):
+        raise ValueError(what)
+    if not (0.0 < keep < 1.0) or math.isnan(keep):
+        raise UserError(f"`keep_{what}` must be in (0, 1), got {keep}")
+    if cfg.global_ranking:
+        raise UserError(f"`keep_{what}` matches a uniform per-layer sparsity; it does not combine with `global`")
+    shape = (spec.channels, spec.height, spec.width)
+    full = count(model, shape, device)[what]
+
+    def kept(sparsity: float) -> float | None:  # None: this sparsity would empty a layer
+        trial = clone(model)
+        try:
+            prune_width(trial, spec, replace(cfg, sparsity=sparsity, metric="l2", ffn_metric="l2"), None, device, QUIET,
+                        original=model)
+        except UserError as e:
+            return 1.0 if "nothing was pruned" in str(e) else None
+        return count(trial, shape, device)[what] / full
+
+    lo, hi = 0.0, 0.99
+    best = (0.0, 1.0)
+    with reporter.task(f"finding the sparsity that keeps {100 * keep:g}% of the {what}", steps) as advance:
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            k = kept(mid)
+            if k is not None and abs(k - keep) < abs(best[1] - keep):
+                best = (mid, k)
+            advance()
+            if abs(best[1] - keep) < 0.002:
+                break
+            if k is None or k < keep:
+                hi = mid
+            else:
+                lo = mid
+    if abs(best[1] - keep) > 0.05:
+        raise UserError(f"no uniform sparsity keeps {100 * keep:g}% of the {what} (closest: {100 * best[1]:.1f}% at "
+                        f"sparsity {best[0]:.3f}); the widths move in steps too coarse for this model")
+    return best
+
+
 def _restore(model: nn.Module, original: nn.Module) -> None:
     """Put `original`'s modules back into `model` (whose surgery failed half-way)."""
     for name, child in list(original.named_children()):

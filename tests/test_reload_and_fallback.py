@@ -136,3 +136,20 @@ def test_swin_window_heads_are_pruned_and_reload(tmp_path):
     save_model_dir(tmp_path / "m", model, _record(arch, spec))
     x = torch.randn(2, 3, 64, 64)
     assert torch.allclose(load_model_dir(tmp_path / "m").model(x), model(x), atol=1e-6)
+
+
+def test_keep_params_finds_the_sparsity_of_a_matched_size(cli, cnn_parent, tmp_path):
+    """--keep-params: the child keeps the asked share of the parent's parameters (compare methods at the same
+    size, as the papers' per-ratio tables do); the choice is recorded."""
+    out = tmp_path / "kp"
+    _, text, _ = cli("prune", "--model", cnn_parent, "--metric", "l1", "--keep-params", "0.6", "--out", out, "-q")
+    parent = json.loads((cnn_parent / "model.json").read_text())["metrics"]["params"]
+    rec = json.loads((out / "model.json").read_text())
+    assert abs(rec["metrics"]["params"] / parent - 0.6) < 0.05 and "keeps" in text
+    last = rec["lineage"][-1]["settings"]
+    assert last["keep_params"] == 0.6 and abs(last["kept_params"] - rec["metrics"]["params"] / parent) < 1e-3
+    assert 0 < last["sparsity"] < 1
+    for bad, words in ((["--keep-params", "0.6", "--sparsity", "0.3"], "do not also give --sparsity"),
+                       (["--keep-params", "1.5"], "(0, 1)"), (["--keep-macs", "0.5", "--global"], "global")):
+        _, _, err = cli("prune", "--model", cnn_parent, *bad, "--out", tmp_path / "x", expect=2)
+        assert words in err and not (tmp_path / "x").exists()
