@@ -79,13 +79,14 @@ def md_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
-def write_section(name: str, title: str, body: str, commands: list[str], started: float) -> None:
+def write_section(name: str, title: str, body: str, commands: list[str], started: float, script: str | None = None) -> None:
+    """script: how to reproduce, when it is not `bench/NAME.py` alone (e.g. `latency_aware.py --only vit_cifar`)."""
     from compressor import atomic
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     mins = (time.time() - started) / 60
     section = (f"<!-- bench:{name} -->\n## {title}\n\nMeasured {stamp} on {machine()}; the whole script took {mins:.0f} min.\n"
-               f"Reproduce: `.venv/bin/python bench/{name}.py`, which runs:\n\n```\n" + "\n".join(commands) + "\n```\n\n"
+               f"Reproduce: `.venv/bin/python bench/{script or name + '.py'}`, which runs:\n\n```\n" + "\n".join(commands) + "\n```\n\n"
                f"{body.strip()}\n<!-- /bench:{name} -->")
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"

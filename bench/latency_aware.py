@@ -12,6 +12,7 @@ from common import RUNS, compress, load, md_table, write_section
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--quick", action="store_true", help="ResNet-20 only (a smoke run)")
+ap.add_argument("--only", help="one model (e.g. vit_cifar): its rows go to their own section")
 args = ap.parse_args()
 
 started = time.time()
@@ -21,6 +22,10 @@ MODELS = [("resnet20", 32, []), ("resnet56", 32, []), ("torchvision:resnet18", 3
           ("torchvision:mobilenet_v2", 32, []), ("vit_cifar", 32, [])]
 if args.quick:
     MODELS = MODELS[:1]
+if args.only:
+    MODELS = [m for m in MODELS if m[0] == args.only]
+    if not MODELS:
+        raise SystemExit(f"--only: not one of this benchmark's models: {args.only}")
 TARGETS = (1.5, 2.0, 3.0)
 rows = []
 for name, size, extra in MODELS:
@@ -60,4 +65,9 @@ body = [
     f"max {max(pred) if pred else float('nan'):.0f} %.",
 ]
 
-write_section("latency_aware", "Latency-aware pruning: achieved vs target speedup (issue 14)", "\n".join(body), log, started)
+if args.only:
+    tag = args.only.replace(":", "_")
+    write_section(f"latency_aware_{tag}", f"Latency-aware pruning of {args.only}: achieved vs target speedup (issue 14)",
+                  "\n".join(body), log, started, script=f"latency_aware.py --only {args.only}")
+else:
+    write_section("latency_aware", "Latency-aware pruning: achieved vs target speedup (issue 14)", "\n".join(body), log, started)
