@@ -9,7 +9,7 @@ from compressor.modeldir import load_model_dir
 def test_compare_grid_tables_plots_and_resume(cli, cnn_parent, tmp_path):
     out = tmp_path / "cmp"
     args = ["compare", "--model", cnn_parent, "--metrics", "l1,taylor", "--sparsities", "0.5", "--finetune-epochs", "1",
-            "--lr", "2e-3", "--calib-size", "32", "--profile-rounds", "3", "--out", out, "-q"]
+            "--lr", "2e-3", "--calib-size", "32", "--profile-rounds", "3", "--profile-backend", "torch", "--out", out, "-q"]
     _, stdout, _ = cli(*args)
     for name in ("table.md", "table.csv", "table.json", "compare.json", "accuracy_vs_flops.png", "speedup_vs_flops.png"):
         assert (out / name).is_file(), name
@@ -33,8 +33,9 @@ def test_compare_grid_tables_plots_and_resume(cli, cnn_parent, tmp_path):
     cli(*args, "--resume")
     assert {c: (out / "cells" / c / "cell.json").stat().st_mtime_ns for c in stamps} == stamps
     assert (out / "cells" / "taylor_s50" / "cell.json").is_file()
-    # Profiling a compare run uses its parent as the baseline.
-    _, prof, _ = cli("profile", out, "--rounds", "2", "--min-time", "0.02", "--warmup", "1", "--min-iters", "3", "--batch-sizes", "1")
+    # Profiling a compare run uses its parent as the baseline (torch here: ONNX Runtime profiles are test_profile's).
+    _, prof, _ = cli("profile", out, "--backend", "torch", "--rounds", "2", "--min-time", "0.02", "--warmup", "1", "--min-iters", "3",
+                     "--batch-sizes", "1")
     assert "taylor_s50" in prof and "baseline" in prof
 
 
@@ -79,7 +80,7 @@ def test_compare_at_matched_measured_speedup(cli, cnn_parent, tmp_path):
 
 
 def test_demo_runs_the_whole_chain(cli, tmp_path):
-    _, out, _ = cli("demo", "--out", tmp_path / "demo", "--epochs", "2", "--finetune-epochs", "1", "--quiet")
+    _, out, _ = cli("demo", "--out", tmp_path / "demo", "--epochs", "1", "--finetune-epochs", "1", "--quiet")
     assert "measured speedup" in out and "FLOPs red." in out and "Accuracy on the digits test split" in out
     for name in ("baseline", "pruned", "finetuned"):
         load_model_dir(tmp_path / "demo" / name)
