@@ -45,6 +45,7 @@ def prune(
     out_dir: Out = None,
     metric: Annotated[str, typer.Option(help=f"Importance: {', '.join(METRICS)}.")] = "l2",
     sparsity: Annotated[float, typer.Option(help="Fraction of channels / heads / FFN neurons removed in every layer, 0 <= S < 1.")] = 0.5,
+    layer_sparsity: Annotated[Optional[list[str]], typer.Option(help="PATTERN=RATIO (repeatable): the sparsity of the channel groups whose root layer matches the glob (e.g. 'layer3.*=0.6'; names as in model.json's groups), first match wins; the rest take --sparsity. CNNs.")] = None,
     keep_params: Annotated[Optional[float], typer.Option(help="Instead of --sparsity: the uniform sparsity whose child keeps this fraction of the parameters (e.g. 0.75), to compare methods at matched size.")] = None,
     keep_macs: Annotated[Optional[float], typer.Option(help="Instead of --sparsity: the uniform sparsity whose child keeps this fraction of the MACs.")] = None,
     scope: Annotated[str, typer.Option(help="ViT: comma list of heads, ffn, embed.")] = "heads,ffn",
@@ -86,7 +87,7 @@ def prune(
         calib_size = max((m.calib_default for m in used), default=3000)
     cfg = WidthConfig(metric=metric, sparsity=sparsity, scope=tuple(c.csv_list(scope)), ffn_metric=ffn_metric,
                       global_ranking=global_ranking, round_to=round_to, seed=seed, greedy_step=greedy_step,
-                      kl_direction=kl_direction)
+                      kl_direction=kl_direction, layer_sparsity=_layer_ratios(layer_sparsity or []))
     target = None
     if target_speedup is not None or target_latency_ms is not None:
         if threads is not None and threads < 1:
@@ -95,6 +96,8 @@ def prune(
                                latency_cache or default_cache_dir(), latency_rounds, latency_iterations, min_width_fraction)
     _check_common(out_dir, overwrite, calib_size)
     validate(cfg)
+    if target is not None and cfg.layer_sparsity:
+        raise UserError("--layer-sparsity and --target-speedup/--target-latency-ms choose widths two ways; give one")
     if target is not None:
         target.validate()
         LayerLatency(latency_backend, latency_device, latency_batch, threads, None)  # refuses bad backend/device/batch
@@ -210,6 +213,19 @@ def auto(
         out.print("warning: the held-out images were in the parent's training data (retrain it with compress finetune "
                   "--holdout 0.1 for an unseen held-out split); recorded in auto_log.json", style="bold red")
     out.print(f"path {log['path']}; stopped: {log['stopped']}; final = {log['final']}; wrote {out_dir} (log: auto_log.md)")
+
+
+def _layer_ratios(items: list[str]) -> tuple[tuple[str, float], ...]:
+    out = []
+    for item in items:
+        pattern, sep, ratio = item.rpartition("=")
+        try:
+            out.append((pattern, float(ratio)))
+        except ValueError:
+            sep = ""
+        if not sep or not pattern:
+            raise UserError(f"--layer-sparsity takes PATTERN=RATIO, e.g. 'layer3.*=0.6' (got {item!r})")
+    return tuple(out)
 
 
 def _keep_target(ctx: typer.Context, keep_params: float | None, keep_macs: float | None,

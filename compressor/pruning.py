@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -39,11 +40,22 @@ class WidthConfig:
     greedy_step: int = 1
     calib_batch: int = 128
     kl_direction: str = imp.KL_DEFAULT
+    layer_sparsity: tuple[tuple[str, float], ...] = ()  # (glob on the group's root layer, ratio): first match wins
 
     def to_json(self) -> dict:
-        return {"metric": self.metric, "sparsity": self.sparsity, "scope": list(self.scope), "ffn_metric": self.ffn_metric,
-                "global": self.global_ranking, "round_to": self.round_to, "seed": self.seed, "greedy_step": self.greedy_step,
-                "kl_direction": self.kl_direction}
+        out = {"metric": self.metric, "sparsity": self.sparsity, "scope": list(self.scope), "ffn_metric": self.ffn_metric,
+               "global": self.global_ranking, "round_to": self.round_to, "seed": self.seed, "greedy_step": self.greedy_step,
+               "kl_direction": self.kl_direction}
+        if self.layer_sparsity:
+            out["layer_sparsity"] = [list(p) for p in self.layer_sparsity]
+        return out
+
+    def ratio_for(self, group: str) -> float:
+        """The sparsity of the group rooted at layer `group`: its --layer-sparsity pattern, else `sparsity`."""
+        return next((r for pattern, r in self.layer_sparsity if fnmatch.fnmatchcase(group, pattern)), self.sparsity)
+
+    def asks_pruning(self) -> bool:
+        return self.sparsity > 0 or any(r > 0 for _, r in self.layer_sparsity)
 
 
 @dataclass
@@ -74,6 +86,11 @@ def validate(cfg: WidthConfig) -> None:
         raise UserError("`round_to` must be a positive integer")
     if cfg.greedy_step < 1:
         raise UserError("`greedy_step` must be at least 1")
+    for pattern, r in cfg.layer_sparsity:
+        if not pattern or not (0.0 <= r < 1.0) or math.isnan(r):
+            raise UserError(f"`layer_sparsity` takes PATTERN=RATIO with 0 <= RATIO < 1 (got {pattern}={r})")
+    if cfg.layer_sparsity and cfg.global_ranking:
+        raise UserError("`layer_sparsity` sets per-layer ratios; it does not combine with `global`")
     if cfg.global_ranking and "output-norm-greedy" in (cfg.metric, cfg.ffn_metric):
         raise UserError("output-norm-greedy removes a per-layer quota one unit at a time; it does not support `global`")
 
@@ -172,17 +189,21 @@ def _build_pruner(model: nn.Module, spec: InputSpec, cfg: WidthConfig, skip: fro
     placeholder = tp.importance.GroupMagnitudeImportance(p=2)
     fc1s = _mlp_fc1s(model)
     if not is_vit(model):
+        per_layer = {m: cfg.ratio_for(n) for n, m in by_name.items()
+                     if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and cfg.ratio_for(n) != cfg.sparsity}
         if not fc1s:
             pruner = _Pruner(model, example, placeholder, pruning_ratio=cfg.sparsity, ignored_layers=ignored,
-                             root_module_types=[nn.modules.conv._ConvNd], **common)
+                             pruning_ratio_dict=per_layer, root_module_types=[nn.modules.conv._ConvNd], **common)
             return pruner, set()
         # Hybrids and non-timm-Attention transformers (Swin, MobileViT...): channels of convs and FFN neurons;
         # a group that also writes through another linear layer (a residual stream) is left alone.
         fc1_ids = {id(f) for f in fc1s}
         others = [m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in fc1_ids]
         pruner = _Pruner(model, example, placeholder, pruning_ratio=cfg.sparsity, ignored_layers=ignored + others,
-                         root_module_types=[nn.modules.conv._ConvNd, nn.Linear], **common)
+                         pruning_ratio_dict=per_layer, root_module_types=[nn.modules.conv._ConvNd, nn.Linear], **common)
         return pruner, fc1_ids
+    if cfg.layer_sparsity:
+        raise UserError("`layer_sparsity` sets CNN layers' ratios; for a ViT use `sparsity` and `scope`")
     from timm.layers import Attention
 
     attns = [m for m in model.modules() if isinstance(m, Attention)]
@@ -217,17 +238,18 @@ def _plan(infos: list[GroupInfo], model: nn.Module, cfg: WidthConfig) -> int:
         if not active:
             continue
         in_scope += 1
-        if cfg.sparsity == 0:
+        ratio = cfg.sparsity if vit else cfg.ratio_for(info.name)
+        if ratio == 0:
             continue
         if info.kind == "head":
-            info.n_remove = math.ceil(cfg.sparsity * info.n_units)
+            info.n_remove = math.ceil(ratio * info.n_units)
         else:
-            info.n_remove = info.n_units if cfg.global_ranking else _local_quota(info.n_units, cfg.sparsity, cfg.round_to)
+            info.n_remove = info.n_units if cfg.global_ranking else _local_quota(info.n_units, ratio, cfg.round_to)
         if not cfg.global_ranking and info.n_remove >= info.n_units:
             what = "heads" if info.kind == "head" else "channels"
             hint = f" with `round_to` {cfg.round_to}" if cfg.round_to else ""
             raise UserError(
-                f"sparsity {cfg.sparsity}{hint} would remove every one of the {info.n_units} {what} of {info.name}; "
+                f"sparsity {ratio}{hint} would remove every one of the {info.n_units} {what} of {info.name}; "
                 "lower `sparsity`"
             )
     return in_scope
@@ -459,7 +481,7 @@ def prune_width(model: nn.Module, spec: InputSpec, cfg: WidthConfig, calib: Imag
     empty = [n for n, w in after.items() if w == 0]
     if empty:
         raise UserError(f"pruning left {empty[0]} with no channels; lower `sparsity`")
-    if cfg.sparsity > 0 and after == before and not any(v[0] != v[1] for v in heads.values()):
+    if cfg.asks_pruning() and after == before and not any(v[0] != v[1] for v in heads.values()):
         why = "; ".join(f"{k}: {v}" for k, v in list(left_alone.items())[:2]) or "no group lost a whole unit"
         raise UserError(f"nothing was pruned at sparsity {cfg.sparsity} ({why}); nothing written")
     return WidthReport(
@@ -582,12 +604,16 @@ def prune_to_widths(model: nn.Module, spec: InputSpec, remove: dict[str, list[in
     return apply_widths(model, spec, pruner, infos, dims)
 
 
+LOSS_ESTIMATES = ("taylor", "kl")  # metrics whose scores estimate the loss change: comparable across groups as they are
+
+
 def unit_scores(model: nn.Module, spec: InputSpec, cfg: WidthConfig, calib: ImageSet | None = None,
                 device: str | torch.device = "cpu", reporter: Reporter = QUIET):
     """(pruner, groups, {group name: importance per unit}) for the groups of channel_groups, scores
-    comparable across groups (magnitude-type metrics divided by their group's mean, as torch-pruning's
-    global ranking does; kl is an absolute damage already). A head's score is the mean over its
-    dimensions, as torch-pruning ranks heads."""
+    comparable across groups: magnitude-type metrics divided by their group's mean, as torch-pruning's
+    global ranking does; taylor and kl estimate the damage itself and stay as they are, so a residual group
+    (its Taylor terms summed over every coupled layer) weighs what it touches, as in HALP and Molchanov et
+    al. 2019. A head's score is the mean over its dimensions, as torch-pruning ranks heads."""
     import numpy as np
 
     validate(cfg)
@@ -604,7 +630,7 @@ def unit_scores(model: nn.Module, spec: InputSpec, cfg: WidthConfig, calib: Imag
         s = s.detach().float().cpu().numpy().astype(np.float64)
         if len(s) == i.n_dims and i.unit_size > 1:
             s = s.reshape(i.n_units, i.unit_size).mean(1)
-        if cfg.metric not in ("kl",) and s.mean() > 0:
+        if cfg.metric not in LOSS_ESTIMATES and s.mean() > 0:
             s = s / s.mean()
         scores[i.name] = s
     model.zero_grad(set_to_none=True)

@@ -266,15 +266,18 @@ def width_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, calib_siz
     after = measure(model, spec, ds, device)
     rec = lm.record.child()
     rec.metrics = after
+    # with per-layer ratios, what was asked is the share their plan removes
+    asked = (sum(g["planned_removal"] for g in report.groups) / report.units if cfg.layer_sparsity and report.units
+             else cfg.sparsity)
     res = PruneResult(before, after, round(prune_s, 2), report.layers, report.heads, report.left_alone,
-                      None if calib is None else len(calib), cfg.sparsity, round(report.achieved, 4),
+                      None if calib is None else len(calib), round(asked, 4), round(report.achieved, 4),
                       # much less pruned than asked (left-alone groups, rounding, tiny layers): said loudly and recorded
-                      cfg.sparsity > 0 and report.achieved < SHORT_OF_REQUEST * cfg.sparsity)
+                      asked > 0 and report.achieved < SHORT_OF_REQUEST * asked)
     rec.lineage.append(run_info("prune", {**(settings or {}), **cfg.to_json(), "structure": "width",
                                           "calib_size": res.calib_images},
                                 None if lm.path is None else str(lm.path),
                                 {"before": before, "after": after, "prune_s": res.prune_s,
-                                 "left_alone": report.left_alone, "requested_sparsity": cfg.sparsity,
+                                 "left_alone": report.left_alone, "requested_sparsity": res.requested_sparsity,
                                  "achieved_sparsity": res.achieved_sparsity,
                                  "short_of_request": res.short_of_request}, cfg.seed))
     return model, rec, res

@@ -153,3 +153,19 @@ def test_keep_params_finds_the_sparsity_of_a_matched_size(cli, cnn_parent, tmp_p
                        (["--keep-params", "1.5"], "(0, 1)"), (["--keep-macs", "0.5", "--global"], "global")):
         _, _, err = cli("prune", "--model", cnn_parent, *bad, "--out", tmp_path / "x", expect=2)
         assert words in err and not (tmp_path / "x").exists()
+
+
+def test_layer_sparsity_prunes_only_the_matched_groups(cli, cnn_parent, tmp_path):
+    """--layer-sparsity PATTERN=RATIO: a per-layer allocation (as the papers' per-stage ratios); groups whose
+    root layer matches take that ratio, the rest --sparsity (0 here: untouched)."""
+    out = tmp_path / "stage3"
+    cli("prune", "--model", cnn_parent, "--sparsity", "0", "--layer-sparsity", "layer3.*=0.5", "--out", out, "-q")
+    rec = json.loads((out / "model.json").read_text())
+    changed = list(rec["changed_modules"])
+    assert any(n.startswith("layer3.") for n in changed)
+    assert all(n.startswith("layer3.") or n == "fc" for n in changed), changed  # fc reads stage 3's residual width
+    assert rec["lineage"][-1]["settings"]["layer_sparsity"] == [["layer3.*", 0.5]]
+    for bad, words in ((["--layer-sparsity", "layer3.*"], "PATTERN=RATIO"), (["--layer-sparsity", "layer3.*=1.2"], "0 <= RATIO < 1"),
+                       (["--layer-sparsity", "layer3.*=0.5", "--global"], "global")):
+        _, _, err = cli("prune", "--model", cnn_parent, *bad, "--out", tmp_path / "x", expect=2)
+        assert words in err and not (tmp_path / "x").exists()
