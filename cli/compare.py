@@ -70,7 +70,7 @@ def compare(
     latency_batch: Annotated[int, typer.Option(help="--target-speedups: batch size the speedups are measured at.")] = 1,
     latency_cache: Annotated[Optional[Path], typer.Option(help="--target-speedups: directory of measured layer tables (default ~/.cache/compress/latency).")] = None,
     latency_rounds: Annotated[int, typer.Option(help="--target-speedups: interleaved rounds of each measurement.")] = 9,
-    latency_iterations: Annotated[int, typer.Option(help="--target-speedups: plan, prune and measure attempts of each latency-aware child.")] = 3,
+    latency_iterations: Annotated[int, typer.Option(help="--target-speedups: plan, prune and measure attempts of each latency-aware child.")] = 5,
     shard: Annotated[Optional[str], typer.Option(help="I/N: run only every N-th cell from the I-th (0-based), e.g. one Slurm array task each; then gather with --resume.")] = None,
     overwrite: c.Overwrite = False,
     quiet: c.Quiet = False,

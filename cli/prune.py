@@ -61,7 +61,7 @@ def prune(
     latency_batch: Annotated[int, _lat("batch size the latency is measured at.")] = 1,
     latency_cache: Annotated[Optional[Path], _lat("directory of measured layer tables, reused across runs (default ~/.cache/compress/latency).")] = None,
     latency_rounds: Annotated[int, _lat("interleaved parent/child rounds of each whole-model measurement.")] = 9,
-    latency_iterations: Annotated[int, _lat("plan, prune and measure attempts; each corrects the budget by what the last one measured.")] = 3,
+    latency_iterations: Annotated[int, _lat("plan, prune and measure attempts; each corrects the budget by what the last ones measured.")] = 5,
     min_width_fraction: Annotated[float, _lat("every layer keeps at least this share of its channels.")] = 0.2,
     threads: Annotated[Optional[int], _lat("CPU threads for every latency measurement (default: the runtime's).")] = None,
     checkpoint: c.Checkpoint = None, pretrained: c.Pretrained = False, trust_pickle: c.TrustPickle = False,

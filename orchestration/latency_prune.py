@@ -40,7 +40,7 @@ class LatencyTarget:
     threads: int | None = None
     cache_dir: Path | None = None
     rounds: int = 9
-    iterations: int = 3  # plan -> prune -> measure attempts
+    iterations: int = 5  # plan -> prune -> measure attempts (a miss either way is corrected by the next)
     min_fraction: float = 0.2  # every group keeps at least this share of its units
 
     def validate(self) -> None:
