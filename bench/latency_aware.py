@@ -54,7 +54,7 @@ body = [
     "`compress prune --target-speedup T --latency-batch B` on randomly initialised models (latency does not depend on "
     "the weights) at 32x32 inputs, ONNX Runtime on the CPU, default threads. Each run builds (or reuses) the per-layer "
     "table, fits it to the parent and a half-width copy measured whole, plans, prunes a copy, measures it against the "
-    "parent in 9 interleaved rounds, and re-plans up to 4 times (`--latency-iterations` 5; the sections below that say 3 ran with the earlier default). *achieved* is the paired median speedup with its 96% "
+    "parent in 9 interleaved rounds, and re-plans up to 4 times (5 attempts). *achieved* is the paired median speedup with its 96% "
     "interval; *error* is achieved/target - 1; *prediction* is the latency model's error on the final child "
     "(predicted/measured - 1).",
     "",
