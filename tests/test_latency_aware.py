@@ -4,6 +4,7 @@ end-to-end prune with a real (tiny) measured table. Measurement-heavy checks liv
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -121,6 +122,9 @@ def test_real_onnxruntime_entry_grows_with_width():
     assert 0 <= small < big
 
 
+@pytest.mark.skipif(os.environ.get("COMPRESS_SLOW_TESTS") != "1",
+                    reason="opt-in (COMPRESS_SLOW_TESTS=1): the default suite runs this path inside "
+                           "test_compare_at_matched_measured_speedup; bench/latency_aware.py measures it on real models")
 def test_end_to_end_latency_aware_prune(cli, cnn_parent, tmp_path):
     """A real measured table on this CPU; the command reports predicted and measured speedups and records
     them; the written child reloads. (Whether the target is met is the benchmark's business.)"""
