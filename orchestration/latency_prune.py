@@ -113,7 +113,7 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
                    "effective_ms": eff, "widths": plan.widths, "model": child, "changed": changed}
             tries.append(row)
             ratio = eff / goal_ms  # 1.0 = on target
-            if best is None or _better(ratio, best["effective_ms"] / goal_ms):
+            if best is None or better_attempt(ratio, best["effective_ms"] / goal_ms):
                 best = row
             if 0.95 <= 1 / ratio <= 1.05 or attempt + 1 == target.iterations:
                 break
@@ -179,11 +179,17 @@ def _next_budget(tries: list[dict], goal_ms: float) -> float:
     return last["budget_ms"] * goal_ms / last["effective_ms"]
 
 
-def _better(ratio: float, best_ratio: float) -> bool:
-    """Closer to the goal, preferring children that reach it (ratio <= 1: measured within the budget)."""
-    reach, best_reach = ratio <= 1.05, best_ratio <= 1.05
-    if reach != best_reach:
-        return reach
+def better_attempt(ratio: float, best_ratio: float) -> bool:
+    """Is an attempt (measured ms / goal ms) better than the best so far? Within the accepted band (speedup
+    within 10 % of the goal) the closest wins; a child in the band beats one outside it; outside it, a
+    child that reaches the goal beats one that does not (a 1.9x child for 2x is kept over a 2.6x one)."""
+    def band(r: float) -> bool:
+        return abs(1 / r - 1) <= 0.10
+
+    if band(ratio) != band(best_ratio):
+        return band(ratio)
+    if not band(ratio) and (ratio <= 1) != (best_ratio <= 1):
+        return ratio <= 1
     return abs(ratio - 1) < abs(best_ratio - 1)
 
 

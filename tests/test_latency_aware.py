@@ -246,3 +246,15 @@ def test_end_to_end_latency_aware_vit(cli, vit_parent, tmp_path):
     assert any(".attn." in g for g in widths) and any(".mlp." in g for g in widths)
     assert any(after < before for before, after in widths.values())
     cli("info", out)
+
+
+def test_the_attempt_kept_is_the_one_within_the_band_not_the_overshoot():
+    from orchestration.latency_prune import better_attempt
+
+    goal = 2.0  # speedups; the ratio is measured ms / goal ms = goal / speedup
+    r = lambda speedup: goal / speedup  # noqa: E731
+    assert better_attempt(r(1.9), r(2.61))  # 5 % short beats 30 % over
+    assert not better_attempt(r(2.61), r(1.9))
+    assert better_attempt(r(2.05), r(1.9))  # both in the band: the closer
+    assert better_attempt(r(2.6), r(1.5))  # neither in the band: the one that reaches the goal
+    assert not better_attempt(r(1.5), r(2.6))
