@@ -11,6 +11,7 @@ replays its suffix on stacked masks; a model torch.fx cannot trace falls back to
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterator
 
 import torch
@@ -21,7 +22,7 @@ from .structures import GroupInfo, _channel_dim
 
 
 class _Stop(Exception):
-    pass
+    """Raised by _Prefix at the cut: the rest of the graph is the suffix's work."""
 
 
 class _Prefix(torch.fx.Interpreter):
@@ -73,10 +74,8 @@ class MaskedEvaluator:
     @torch.no_grad()
     def prefix_values(self, x: torch.Tensor) -> tuple[dict, int]:
         interp = _Prefix(self.gm, self.split)
-        try:
+        with contextlib.suppress(_Stop):  # the prefix ends by raising at the cut
             interp.run(x)
-        except _Stop:
-            pass
         env = interp.env
         per_sample = sum(v[0].numel() * v.element_size() for n in self.live
                          if isinstance(v := env.get(n), torch.Tensor) and self.batch_dependent.get(n) and v.dim() > 0)

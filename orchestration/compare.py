@@ -108,7 +108,7 @@ def skeleton(lm: LoadedModel, ds: Dataset, cfg: CompareConfig, out: Path, replac
             save_model_dir(tmp / "parent", lm.model, lm.record)
             atomic.write_json(tmp / "compare.json", doc)
             os.rename(tmp, out)  # fails when another shard's grid is already there (a non-empty directory)
-        except OSError:
+        except OSError:  # another shard created the grid first: use theirs
             pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
