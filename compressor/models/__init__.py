@@ -94,7 +94,9 @@ def build(spec: ArchSpec, num_classes: int, pretrained: bool = False) -> nn.Modu
     kw = dict(spec.kwargs)
     try:
         if spec.source == "compress":
-            fn = OWN_MODELS[spec.name]
+            fn = OWN_MODELS.get(spec.name)
+            if fn is None:  # a hand-edited or corrupt model.json
+                raise UserError(f"unknown architecture compress:{spec.name} (ours are {', '.join(OWN_MODELS)})")
             return fn(num_classes=num_classes, **kw)
         if spec.source == "torchvision":
             import torchvision
