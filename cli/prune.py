@@ -15,7 +15,6 @@ from compressor.errors import UserError
 from compressor.importance import KL_DEFAULT, METRICS, REGISTRY, check_kl_direction
 from compressor.layers import LAYER_METRICS, find_blocks
 from compressor.modeldir import LoadedModel, load_model_dir, save_model_dir, write_model_files
-from compressor.models import is_vit
 from compressor.pruning import WidthConfig, sparsity_for, validate
 from compressor.workflows import (PruneResult, Source, dataset_for, get_model, keep_holdout, layer_prune, parse_model_args,
                                   pick_device, width_prune)
@@ -159,7 +158,7 @@ def auto(
     candidate_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs for each candidate before CKA.")] = 10,
     epochs_per_iteration: Annotated[int, typer.Option(help="Further epochs for the chosen candidate.")] = 10,
     similarity: Annotated[str, typer.Option(help="cka, or random (a random walk between the two candidates).")] = "cka",
-    only: Annotated[Optional[str], typer.Option(help="layers or filters only (baselines with the same budget).")] = None,
+    only: Annotated[Optional[str], typer.Option(help="layers or filters only (baselines with the same budget; on a ViT filters are heads and FFN neurons).")] = None,
     layer_bias: Annotated[float, typer.Option(help="Epsilon added to the layer candidate's CKA.")] = 0.0,
     holdout: Annotated[float, typer.Option(help="Where the data has no recorded held-out share (compress finetune --holdout): the fraction of the training split cut now for CKA and the accuracy floor.")] = 0.1,
     min_blocks_per_stage: MinBlocks = 2,
@@ -182,7 +181,8 @@ def auto(
     overwrite: c.Overwrite = False, quiet: c.Quiet = False, config: c.Config = None,
 ):
     """do Nascimento et al.: each iteration removes a residual block or as many filters, whichever stays closer
-    to its parent by linear CKA after a short fine-tune."""
+    to its parent by linear CKA after a short fine-tune. On a timm ViT the width candidate takes as many
+    attention heads and FFN neurons as the block holds, across every block (the same parameter budget)."""
     _check_common(out_dir, overwrite, calib_size)
     acfg = AutoConfig(iterations=iterations, target_flops_reduction=target_flops_reduction, min_accuracy=min_accuracy,
                       candidate_epochs=candidate_epochs, epochs_per_iteration=epochs_per_iteration, similarity=similarity,
@@ -198,9 +198,6 @@ def auto(
                           lr=lr, weight_decay=weight_decay, decay_on=decay_on, momentum=momentum, nesterov=nesterov,
                           schedule=lr_schedule, milestones=milestones, augment=augment, amp=amp, seed=seed,
                           dataset=ds.spec.name, device=dev)
-    if is_vit(lm.model):  # the filter candidate is defined on residual conv blocks
-        raise UserError("prune auto chooses between residual conv blocks and their filters (ResNets); "
-                        "for a ViT use prune layers or width pruning")
     find_blocks(lm.model)  # fail now, not after the first fine-tune, for models without residual stages
     with atomic.staged_dir(out_dir) as tmp:
         log = run_auto(lm, ds, acfg, tcfg, tmp, device=dev, reporter=c.reporter(quiet), settings=settings)

@@ -1,6 +1,8 @@
 """do Nascimento et al. (Pruning Everything, Everywhere, All at Once, arXiv 2506.04513): at each iteration
 remove either a residual block or an equal number of filters, whichever candidate stays closer to its
-parent by linear CKA after a short fine-tune.
+parent by linear CKA after a short fine-tune. For a timm ViT the width candidate takes as many attention
+heads and FFN neurons as the block holds, spread over every block: the block's parameters less its
+LayerNorms and the two output-layer biases (the embedding width is fixed, so a head or a neuron costs the same anywhere).
 
 Differences from the authors' release, on purpose: candidates are compared on a held-out split of the
 training data (the release used the test set), and KL is computed from logits (the release applied
@@ -27,7 +29,8 @@ from compressor.finetune import TrainConfig, train
 from compressor.layers import choose_blocks, conv_channels, find_blocks, removable, score_blocks
 from compressor.modeldir import LoadedModel, remove_blocks, run_info, save_model_dir
 from compressor.workflows import trained_on
-from compressor.models import clone
+from compressor.models import clone, is_vit
+from compressor.pruning import WidthConfig, attention_heads, prune_to_widths, unit_scores
 from compressor.progress import QUIET, Reporter
 from compressor.similarity import linear_cka, penultimate
 from compressor.structures import group_info
@@ -146,6 +149,32 @@ def filter_candidate(parent: nn.Module, spec: InputSpec, count: int, metric: str
     return model, removed
 
 
+def vit_width_candidate(parent: nn.Module, spec: InputSpec, block: str, metric: str, calib: ImageSet, seed: int,
+                        device, reporter: Reporter = QUIET,
+                        kl_direction: str = imp.KL_DEFAULT) -> tuple[nn.Module, dict[str, int]] | None:
+    """A copy of the ViT `parent` without as many heads and FFN neurons as `block` holds, each block losing a
+    proportional share (the rest from blocks chosen at random; every block keeps one of each), the
+    lowest-scored units of each block first."""
+    model = clone(parent).eval()
+    cfg = WidthConfig(metric=metric, ffn_metric=metric, scope=("heads", "ffn"), seed=seed, kl_direction=kl_direction)
+    _, infos, scores = unit_scores(model, spec, cfg, calib, device, reporter)
+    budget = {"head": attention_heads(model)[f"{block}.attn"],
+              "ffn": int(model.get_submodule(block).mlp.fc1.out_features)}  # type: ignore[arg-type,union-attr]
+    rng = random.Random(seed)
+    removed: dict[str, int] = {}
+    plan: dict[str, list[int]] = {}
+    for kind, n in budget.items():
+        groups = [i for i in infos if i.kind == kind]
+        if sum(i.n_units - 1 for i in groups) < n:
+            return None
+        for info, k in zip(groups, allocate([i.n_units for i in groups], n, rng)):
+            if k:
+                plan[info.name] = sorted(int(u) for u in scores[info.name].argsort(kind="stable")[:k])
+                removed[info.name] = k
+    prune_to_widths(model, spec, plan)
+    return model, removed
+
+
 def _held_out(loaded: LoadedModel, ds: Dataset, cfg: AutoConfig, reporter: Reporter) -> tuple[ImageSet, ImageSet, dict]:
     """The images CKA and the accuracy floor are measured on. Unseen by the parent only when its data
     spec held them out from training (compress finetune --holdout); otherwise cut now from a training
@@ -182,7 +211,9 @@ def run(loaded: LoadedModel, ds: Dataset, cfg: AutoConfig, train_cfg: TrainConfi
     base_test = evaluate(parent, ds.test, spec, 256, device)
     log: dict = {"settings": {**asdict(cfg), "train": train_cfg.to_json()}, "parent": str(loaded.path) if loaded.path else None,
            "root": {**root, "holdout_top1": base_held["top1"], "test_top1": base_test["top1"], "test_top5": base_test["top5"]},
-           "holdout": held_out,
+           "holdout": held_out, "candidates": {"L": "one residual block" if not is_vit(parent) else "one transformer block",
+                                               "F": ("as many attention heads and FFN neurons as that block holds, across the blocks"
+                                                     if is_vit(parent) else "as many filters from the blocks' first convs")},
            "iterations": [], "stopped": None}
     decisions: list[str] = []
     best_dir = None
@@ -195,6 +226,7 @@ def run(loaded: LoadedModel, ds: Dataset, cfg: AutoConfig, train_cfg: TrainConfi
             break
         scores = score_blocks(parent, blocks, cfg.metric, calib, spec, 128, device, cfg.seed + k, reporter, cfg.kl_direction)
         block = choose_blocks(parent, scores, 1, cfg.min_blocks_per_stage)[0]
+        vit = is_vit(parent)
         budget = conv_channels(parent.get_submodule(block))
         cands: dict[str, nn.Module] = {}
         filt_removed: dict[str, int] = {}
@@ -203,8 +235,9 @@ def run(loaded: LoadedModel, ds: Dataset, cfg: AutoConfig, train_cfg: TrainConfi
             remove_blocks(lc, [block])
             cands["L"] = lc
         if cfg.only != "layers":
-            fc = filter_candidate(parent, spec, budget, cfg.metric, calib, cfg.seed + k, device, reporter, cfg.kl_direction,
-                                  cfg.filter_allocation)
+            fc = (vit_width_candidate(parent, spec, block, cfg.metric, calib, cfg.seed + k, device, reporter, cfg.kl_direction)
+                  if vit else filter_candidate(parent, spec, budget, cfg.metric, calib, cfg.seed + k, device, reporter,
+                                               cfg.kl_direction, cfg.filter_allocation))
             if fc is not None:
                 cands["F"], filt_removed = fc
         if not cands:
@@ -233,7 +266,7 @@ def run(loaded: LoadedModel, ds: Dataset, cfg: AutoConfig, train_cfg: TrainConfi
         ev_test = evaluate(winner, ds.test, spec, 256, device)
         row = {
             "iteration": k, "decision": choice, "block": block if choice == "L" else None,
-            "filters_removed": budget if choice == "F" else 0, "filter_allocation": filt_removed if choice == "F" else {},
+            "filters_removed": sum(filt_removed.values()) if choice == "F" else 0, "filter_allocation": filt_removed if choice == "F" else {},
             "cka_layer": cka.get("L"), "cka_filter": cka.get("F"), "params": stats["params"], "macs": stats["macs"],
             "flops_reduction": round(1 - stats["macs"] / root["macs"], 5), "holdout_top1": ev_held["top1"],
             "test_top1": ev_test["top1"], "test_top5": ev_test["top5"], "wall_s": round(time.perf_counter() - t0, 2),
@@ -287,6 +320,7 @@ def render_log(log: dict) -> str:
     lines = [f"# Layer/filter pruning by CKA — path {log['path'] or '(none)'}", "",
              f"Parent: {r['params']:,} params, {r['macs']:,} MACs, held-out top-1 {r['holdout_top1']:.2f}, "
              f"test top-1 {r['test_top1']:.2f}. Stopped: {log['stopped']}.", "", _held_note(log.get("holdout") or {}), "",
+             *([f"Candidates: L = {log['candidates']['L']}; F = {log['candidates']['F']}.", ""] if log.get("candidates") else []),
              "| iter | choice | CKA layer | CKA filter | params | MACs | FLOPs red. | held-out top-1 | test top-1 | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in log["iterations"]:

@@ -139,9 +139,35 @@ def test_auto_loop_end_to_end(cli, cnn_parent, tmp_path):
     load_model_dir(out)  # the run's directory is itself the final model
 
 
-def test_auto_needs_residual_stages(cli, vit_parent, tmp_path):
-    _, _, err = cli("prune", "auto", "--model", vit_parent, "--out", tmp_path / "x", expect=2)
-    assert "residual" in err
+def test_auto_needs_residual_stages(cli, tmp_path):
+    _, _, err = cli("prune", "auto", "--model", "vgg16_bn_cifar", "--data", "digits", "--out", tmp_path / "x", expect=2)
+    assert "residual" in err and not (tmp_path / "x").exists()
+
+
+def test_auto_loop_on_a_vit(cli, vit_parent, tmp_path):
+    """On a timm ViT the layer candidate removes a block and the width candidate as many heads and FFN
+    neurons as that block holds, spread over the blocks: the block's parameters less its two LayerNorms
+    and the biases of attention's and the MLP's output layers. Both reload and export."""
+    parent = load_model_dir(vit_parent)
+    p_params = sum(p.numel() for p in parent.model.parameters())
+    block = parent.model.blocks[0]
+    b_params = sum(p.numel() for p in block.parameters())
+    d = parent.model.embed_dim
+    params = {}
+    for only in ("layers", "filters"):
+        out = tmp_path / only
+        cli("prune", "auto", "--model", vit_parent, "--only", only, "--min-blocks-per-stage", "1", "--iterations", "1",
+            "--metric", "l1", "--candidate-epochs", "0", "--epochs-per-iteration", "1", "--calib-size", "32", "--train-size", "300",
+            "--out", out, "-q")
+        row = json.loads((out / "auto_log.json").read_text())["iterations"][0]
+        lm = load_model_dir(out / row["dir"])
+        params[only] = sum(p.numel() for p in lm.model.parameters())
+        assert params[only] == row["params"]
+        _check_iteration(cli, out / row["dir"], tmp_path)
+    assert params["layers"] == p_params - b_params
+    assert params["filters"] == p_params - (b_params - 4 * d - 2 * d)  # two LayerNorms, proj and fc2 biases stay
+    heads = [b.attn.num_heads for b in load_model_dir(tmp_path / "filters").model.blocks]
+    assert sum(heads) == sum(b.attn.num_heads for b in parent.model.blocks) - block.attn.num_heads and min(heads) >= 1
 
 
 def test_held_out_images_stay_out_of_every_descendant(cli, tmp_path):
