@@ -96,3 +96,43 @@ def write_section(name: str, title: str, body: str, commands: list[str], started
         text = text.rstrip() + "\n\n" + section + "\n"
     atomic.write_text(DOC, text)
     print(f"updated {DOC.relative_to(ROOT)} section '{name}'")
+
+
+def mean_sd(values: list[float], n: int) -> str:
+    """mean ± standard deviation over seeds; says how many seeds reached a value when some did not."""
+    import statistics
+
+    if len(values) < n:
+        return f"reached by {len(values)}/{n} seeds"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def verdict(label: str, groups: dict[str, list[float]], n: int, test_images: int | None = None) -> str:
+    """A difference is stated only where the spread supports it: means more than 2 standard errors (of the
+    difference) apart. A mean's error is its seeds' spread plus, with `test_images`, the binomial error of
+    an accuracy on that many images (a seed-independent score has no seed spread, but its test set is
+    still a sample). Groups with fewer than n values are left out."""
+    import statistics
+
+    stats = {m: v for m, v in groups.items() if len(v) == n and n > 1}
+    if len(stats) < 2:
+        return f"{label}: fewer than two methods have all {n} seeds; no comparison."
+    best = max(stats, key=lambda m: statistics.mean(stats[m]))
+
+    def se(m: str) -> float:
+        p = min(max(statistics.mean(stats[m]) / 100, 0.0), 1.0)
+        sampling = p * (1 - p) / test_images * 100 ** 2 if test_images else 0.0
+        return (statistics.variance(stats[m]) / len(stats[m]) + sampling) ** 0.5
+
+    gap = lambda m: statistics.mean(stats[best]) - statistics.mean(stats[m])  # noqa: E731
+    beaten = [m for m in stats if m != best and gap(m) > 2 * (se(best) ** 2 + se(m) ** 2) ** 0.5]
+    tied = [m for m in stats if m != best and m not in beaten]
+    return (f"{label}: {best} is highest" + (f"; ahead of {', '.join(beaten)} beyond 2 standard errors" if beaten else "")
+            + (f"; no difference measured from {', '.join(tied)}" if tied else "") + ".")
+
+
+def speedup_text(profile_dir: Path) -> str:
+    """Every measured speedup of a `compress profile` run as median [95% CI] (n.s. when the CI holds 1)."""
+    res = load(Path(profile_dir) / "profile.json")["results"]
+    return " / ".join(f"{r['speedup']['median']:.2f}x [{r['speedup']['ci_low']:.2f}, {r['speedup']['ci_high']:.2f}]"
+                      + ("" if r["speedup"].get("significant", True) else " n.s.") for r in res if r.get("speedup"))
