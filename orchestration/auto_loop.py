@@ -209,11 +209,12 @@ def run(loaded: LoadedModel, ds: Dataset, cfg: AutoConfig, train_cfg: TrainConfi
     rng = random.Random(cfg.seed)
     base_held = evaluate(parent, held, spec, 256, device)
     base_test = evaluate(parent, ds.test, spec, 256, device)
+    vit = is_vit(parent)  # blocks and widths are removed, the model's kind stays
     log: dict = {"settings": {**asdict(cfg), "train": train_cfg.to_json()}, "parent": str(loaded.path) if loaded.path else None,
            "root": {**root, "holdout_top1": base_held["top1"], "test_top1": base_test["top1"], "test_top5": base_test["top5"]},
-           "holdout": held_out, "candidates": {"L": "one residual block" if not is_vit(parent) else "one transformer block",
+           "holdout": held_out, "candidates": {"L": "one transformer block" if vit else "one residual block",
                                                "F": ("as many attention heads and FFN neurons as that block holds, across the blocks"
-                                                     if is_vit(parent) else "as many filters from the blocks' first convs")},
+                                                     if vit else "as many filters from the blocks' first convs")},
            "iterations": [], "stopped": None}
     decisions: list[str] = []
     best_dir = None
@@ -226,7 +227,6 @@ def run(loaded: LoadedModel, ds: Dataset, cfg: AutoConfig, train_cfg: TrainConfi
             break
         scores = score_blocks(parent, blocks, cfg.metric, calib, spec, 128, device, cfg.seed + k, reporter, cfg.kl_direction)
         block = choose_blocks(parent, scores, 1, cfg.min_blocks_per_stage)[0]
-        vit = is_vit(parent)
         budget = conv_channels(parent.get_submodule(block))
         cands: dict[str, nn.Module] = {}
         filt_removed: dict[str, int] = {}
