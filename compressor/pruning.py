@@ -330,21 +330,6 @@ def prune_window_heads(model: nn.Module, cfg: WidthConfig) -> dict[str, list[int
     return out
 
 
-def _fix_attention(model: nn.Module, pruner) -> dict[str, list[int]]:
-    from timm.layers import Attention
-
-    heads = {}
-    for name, a in model.named_modules():
-        if isinstance(a, Attention) and a.qkv in pruner.num_heads:
-            before = a.num_heads
-            a.num_heads = int(pruner.num_heads[a.qkv])
-            a.head_dim = a.qkv.out_features // (3 * a.num_heads)
-            a.attn_dim = a.num_heads * a.head_dim
-            a.scale = a.head_dim ** -0.5
-            heads[name] = [before, a.num_heads]
-    return heads
-
-
 def attention_heads(model: nn.Module) -> dict[str, int]:
     """Heads of every timm Attention module, by name."""
     from timm.layers import Attention
@@ -353,8 +338,8 @@ def attention_heads(model: nn.Module) -> dict[str, int]:
 
 
 def _sync_attention_heads(model: nn.Module) -> dict[str, list[int]]:
-    """After whole heads were cut from qkv/proj by group surgery (head_dim kept): timm Attention's
-    num_heads and attn_dim from the new qkv width."""
+    """After whole heads were cut from qkv/proj by group surgery (head_dim kept: prune_head_dims=False, so
+    the scale stays too): timm Attention's num_heads and attn_dim from the new qkv width; the changed ones."""
     from timm.layers import Attention
 
     heads = {}
@@ -400,7 +385,7 @@ def _prune_once(model: nn.Module, spec: InputSpec, cfg: WidthConfig, skip: froze
         with torch.no_grad():
             pruner.step()
         model.zero_grad(set_to_none=True)
-        heads = _fix_attention(model, pruner) if is_vit(model) else {}
+        heads = _sync_attention_heads(model) if is_vit(model) else {}
         if "heads" in cfg.scope and cfg.sparsity > 0:
             heads.update(prune_window_heads(model, cfg))
         check_runs(model, spec, "after pruning")
