@@ -93,6 +93,14 @@ def test_round_to_and_global(cli, cnn_parent, tmp_path):
     assert len(widths) > 3  # global ranking gives non-uniform widths
 
 
+def test_prune_notes_widths_that_are_not_multiples_of_8(cli, cnn_parent, tmp_path):
+    """0.3 of the 16- and 32-channel stages keeps 11 and 22 (measured slow on CPU kernels); --round-to 8 keeps 8 and 24."""
+    _, stdout, _ = cli("prune", "--model", cnn_parent, "--metric", "l1", "--sparsity", "0.3", "--out", tmp_path / "odd")
+    assert "not multiples of 8" in stdout and "(11)" in stdout and "--round-to" in stdout
+    _, stdout, _ = cli("prune", "--model", cnn_parent, "--metric", "l1", "--sparsity", "0.3", "--round-to", "8", "--out", tmp_path / "r8")
+    assert "not multiples of 8" not in stdout and "layers changed width" in stdout
+
+
 def test_sparsity_that_empties_a_layer_is_refused(cli, cnn_parent, tmp_path):
     _, _, err = cli("prune", "--model", cnn_parent, "--sparsity", "0.95", "--out", tmp_path / "x", expect=2)
     assert "would remove every one" in err and not (tmp_path / "x").exists()
