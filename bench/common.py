@@ -21,6 +21,9 @@ FMNIST = "/usr/share/datasets/fashion-mnist"
 sys.path.insert(0, str(ROOT))
 
 
+REUSED: list[str] = []  # steps skipped because an earlier run of the script finished them (done=True)
+
+
 def compress(*args, log: list[str] | None = None, done: bool = False, allow_fail: bool = False):
     """Run `compress ARGS` as a user would. Exits on failure, or with allow_fail returns 0 on success and
     the command's one-line error otherwise.
@@ -33,6 +36,7 @@ def compress(*args, log: list[str] | None = None, done: bool = False, allow_fail
     if log is not None:
         log.append(shown)
     if done:
+        REUSED.append(shown)
         return
     print(f"$ {shown}", flush=True)
     exe = Path(sys.executable).parent / "compress"
@@ -85,7 +89,10 @@ def write_section(name: str, title: str, body: str, commands: list[str], started
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     mins = (time.time() - started) / 60
-    section = (f"<!-- bench:{name} -->\n## {title}\n\nMeasured {stamp} on {machine()}; the whole script took {mins:.0f} min.\n"
+    took = f"the whole script took {mins:.0f} min" if mins >= 1 else "the whole script took under 1 min"
+    if REUSED:  # the time would otherwise read as the cost of every command listed
+        took += f", reusing {len(REUSED)} step(s) finished by an earlier run of it"
+    section = (f"<!-- bench:{name} -->\n## {title}\n\nMeasured {stamp} on {machine()}; {took}.\n"
                f"Reproduce: `.venv/bin/python bench/{script or name + '.py'}`, which runs:\n\n```\n" + "\n".join(commands) + "\n```\n\n"
                f"{body.strip()}\n<!-- /bench:{name} -->")
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
@@ -131,8 +138,9 @@ def verdict(label: str, groups: dict[str, list[float]], n: int, test_images: int
             + (f"; no difference measured from {', '.join(tied)}" if tied else "") + ".")
 
 
-def speedup_text(profile_dir: Path) -> str:
-    """Every measured speedup of a `compress profile` run as median [95% CI] (n.s. when the CI holds 1)."""
-    res = load(Path(profile_dir) / "profile.json")["results"]
+def speedup_text(profile_dir: Path, target: str | None = None) -> str:
+    """Every measured speedup of a `compress profile` run (of one target where given) as median [95% CI]
+    (n.s. when the CI holds 1)."""
+    res = [r for r in load(Path(profile_dir) / "profile.json")["results"] if target in (None, r["target"])]
     return " / ".join(f"{r['speedup']['median']:.2f}x [{r['speedup']['ci_low']:.2f}, {r['speedup']['ci_high']:.2f}]"
                       + ("" if r["speedup"].get("significant", True) else " n.s.") for r in res if r.get("speedup"))

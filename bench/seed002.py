@@ -1,4 +1,5 @@
-"""do Nascimento et al.'s layer-or-filter loop at CPU scale: CKA against the random walk, 3 seeds each, compared at matched FLOPs cuts, on a ResNet-32 trained on
+"""do Nascimento et al.'s layer-or-filter loop at CPU scale: CKA against the random walk and the
+layers-only / filters-only baselines, 3 seeds each, compared at matched FLOPs cuts, on a ResNet-32 trained on
 real Fashion-MNIST with an unseen held-out split.
 
 Scale-downs: 8,000 training / 2,000 test images; 1 candidate epoch per iteration and none more for the
@@ -23,9 +24,9 @@ parent = base / "parent"
 compress("finetune", "--model", "resnet32", *DATA, "--holdout", "0.1", "--epochs", "15", "--lr", "1e-3", "--lr-schedule",
          "cosine", "--weight-decay", "1e-4", "--out", parent, "--overwrite", "-q", log=log, done=(parent / "model.json").exists())
 LOOP = ["--iterations", "5", "--candidate-epochs", "1", "--epochs-per-iteration", "0", "--calib-size", "100"]
-# The paper's comparison. The single-structure baselines (--only layers / --only filters) are left out to
-# keep the script near an hour on 2 cores.
-methods = {"CKA (do Nascimento et al.)": [], "random walk": ["--similarity", "random"]}
+# The paper's comparison plus its single-structure baselines (the same candidates, one kind only).
+methods = {"CKA (do Nascimento et al.)": [], "random walk": ["--similarity", "random"],
+           "layers only": ["--only", "layers"], "filters only": ["--only", "filters"]}
 
 
 def at_cut(path: list[tuple[float, float]], cut: float) -> float | None:
