@@ -2,8 +2,18 @@
 
 import csv
 import json
+import os
+from types import SimpleNamespace
 
+import pytest
+
+from compressor.data import DataSpec, load_dataset
+from compressor.finetune import TrainConfig
 from compressor.modeldir import load_model_dir
+from compressor.progress import QUIET
+from orchestration import speed_matched
+from orchestration.compare import CompareConfig
+from orchestration.latency_prune import LatencyTarget
 
 
 def test_compare_grid_tables_plots_and_resume(cli, cnn_parent, tmp_path):
@@ -58,6 +68,36 @@ def test_compare_shards_then_gather(cli, cnn_parent, tmp_path):
     assert "0 <= I < N" in err
 
 
+def test_uniform_search_matches_the_latency_aware_speedup(cnn_parent, tmp_path, monkeypatch):
+    """The uniform cell bisects --sparsity until its measured speedup is within 5 % of the latency-aware
+    child's. A fake timer stands in for ONNX Runtime: speedup = (parent params / child params) ** 0.7."""
+    runners = []
+    monkeypatch.setattr(speed_matched, "model_runner", lambda model, *a: runners.append(
+        SimpleNamespace(params=sum(p.numel() for p in model.parameters()), close=lambda: None)) or runners[-1])
+    monkeypatch.setattr(speed_matched, "paired", lambda base, child, rounds: {"speedup": {"median": (base.params / child.params) ** 0.7}})
+    monkeypatch.setattr(speed_matched, "_finish", lambda *a: a[-1])  # fine-tuning is tested by the end-to-end grid
+    parent = load_model_dir(cnn_parent)
+    cfg = CompareConfig(["l1"], [0.5], TrainConfig(epochs=1), calib_size=32)
+    goal = 1.8
+    cell = speed_matched._uniform_cell(parent, load_dataset(DataSpec("digits")), cfg, LatencyTarget(goal), "l1", goal,
+                                       {"matched_speedup": goal}, tmp_path, "cpu", QUIET)
+    probes = cell["probes"]
+    assert cell["method"] == "uniform" and cell["match_goal"] == goal and abs(cell["matched_speedup"] / goal - 1) <= speed_matched.MATCH
+    assert cell["sparsity"] == probes[-1]["sparsity"] and len(probes) <= speed_matched.PROBES
+    assert probes[0]["sparsity"] == pytest.approx(1 - 1 / goal)  # the FLOPs-proportional first guess
+    for a, b in zip(probes, probes[1:]):  # bisection: a probe below the goal cuts more next, one above cuts less
+        assert (b["sparsity"] > a["sparsity"]) == (a["measured_speedup"] < goal)
+    # A goal no uniform child can reach: the search stops after PROBES attempts (a sparsity that empties a
+    # layer is an attempt without a probe) and keeps the closest probe.
+    far = speed_matched._uniform_cell(parent, load_dataset(DataSpec("digits")), cfg, LatencyTarget(50.0), "l1", 50.0,
+                                      {"matched_speedup": 50.0}, tmp_path, "cpu", QUIET)
+    assert 1 < len(far["probes"]) <= speed_matched.PROBES and far["match_goal"] == 50.0
+    assert far["matched_speedup"] == max(p["measured_speedup"] for p in far["probes"])
+
+
+@pytest.mark.skipif(os.environ.get("COMPRESS_SLOW_TESTS") != "1",
+                    reason="opt-in (COMPRESS_SLOW_TESTS=1): about a minute of real ONNX Runtime timings; the search logic "
+                           "runs above with a fake timer and bench/latency_accuracy.py runs the grid at full size")
 def test_compare_at_matched_measured_speedup(cli, cnn_parent, tmp_path):
     """--target-speedups: per target a latency-aware cell and a uniform cell whose sparsity was searched for
     the latency-aware child's measured speedup, both fine-tuned alike and measured again."""
