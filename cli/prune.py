@@ -285,8 +285,9 @@ def _report_width(summary: PruneResult, title: str, sparsity: float, out_dir: Pa
         out.print(achieved)
     odd = [f"{name} ({w[1]})" for name, w in summary.layers.items() if w[1] % 8 and w[1] > 8]
     if odd:  # measured: such widths made a 40 % ResNet-18 slower than its parent on ONNX Runtime CPU (docs/benchmarks.md)
-        out.print(f"note: {len(odd)} kept widths are not multiples of 8 (e.g. {', '.join(odd[:2])}); such widths often run "
-                  "slower than a smaller cut would; --round-to 8 or 16 avoids them, `compress profile` measures it")
+        out.print(f"note: {len(odd)} kept widths are not multiples of 8 (e.g. {', '.join(odd[:2])}); such widths can leave "
+                  "the child slower than its parent on CPU kernels; --round-to 8 or 16 avoids them (`compress profile` "
+                  "measures it)")
     out.print(f"{len(summary.layers)} layers changed width; pruning took {summary.prune_s} s; wrote {out_dir}")
 
 
