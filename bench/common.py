@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -107,8 +108,6 @@ def write_section(name: str, title: str, body: str, commands: list[str], started
 
 def mean_sd(values: list[float], n: int) -> str:
     """mean ± standard deviation over seeds; says how many seeds reached a value when some did not."""
-    import statistics
-
     if len(values) < n:
         return f"reached by {len(values)}/{n} seeds"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
@@ -119,8 +118,6 @@ def verdict(label: str, groups: dict[str, list[float]], n: int, test_images: int
     difference) apart. A mean's error is its seeds' spread plus, with `test_images`, the binomial error of
     an accuracy on that many images (a seed-independent score has no seed spread, but its test set is
     still a sample). Groups with fewer than n values are left out."""
-    import statistics
-
     stats = {m: v for m, v in groups.items() if len(v) == n and n > 1}
     if len(stats) < 2:
         return f"{label}: fewer than two methods have all {n} seeds; no comparison."

@@ -27,6 +27,7 @@ LOOP = ["--iterations", "5", "--candidate-epochs", "1", "--epochs-per-iteration"
 # The paper's comparison plus its single-structure baselines (the same candidates, one kind only).
 methods = {"CKA (do Nascimento et al.)": [], "random walk": ["--similarity", "random"],
            "layers only": ["--only", "layers"], "filters only": ["--only", "filters"]}
+TAGS = {name: name.split(" ")[0] for name in methods}  # output directories: CKA_s0, random_s0, layers_s0, filters_s0
 
 
 def at_cut(path: list[tuple[float, float]], cut: float) -> float | None:
@@ -39,9 +40,8 @@ def at_cut(path: list[tuple[float, float]], cut: float) -> float | None:
 
 logs = {}
 for name, extra in methods.items():
-    tag = name.split(" ")[0].replace("(", "")
     for seed in SEEDS:
-        out = base / f"{tag}_s{seed}"
+        out = base / f"{TAGS[name]}_s{seed}"
         compress("prune", "auto", "--model", parent, *DATA, *LOOP, "--seed", seed, *extra, "--out", out, "--overwrite", "-q",
                  log=log, done=(out / "model.json").exists())
         logs[name, seed] = load(out / "auto_log.json")
@@ -55,7 +55,7 @@ lo, hi = math.ceil(lo * 1000) / 1000, math.floor(hi * 1000) / 1000
 CUTS = tuple(sorted({lo, round((lo + hi) / 2, 3), hi})) if hi > lo else (lo,)
 rows, speed_rows, curves, held_curves = [], [], {}, {}
 for name in methods:
-    tag = name.split(" ")[0].replace("(", "")
+    tag = TAGS[name]
     curves[name] = {cut: [] for cut in CUTS}
     held_curves[name] = {cut: [] for cut in CUTS}
     for seed in SEEDS:

@@ -21,6 +21,7 @@ from compressor.workflows import (PruneResult, Source, dataset_for, get_model, k
 from orchestration.auto_loop import AutoConfig, run as run_auto
 from orchestration.latency_prune import LatencyTarget, latency_prune
 from profilers.layer_latency import LayerLatency, default_cache_dir
+from profilers.targets import slow_width
 
 from . import common as c
 from .output import before_after, out
@@ -283,7 +284,7 @@ def _report_width(summary: PruneResult, title: str, sparsity: float, out_dir: Pa
                   "(see above); recorded in model.json", style="bold red")
     else:
         out.print(achieved)
-    odd = [f"{name} ({w[1]})" for name, w in summary.layers.items() if w[1] % 8 and w[1] > 8]
+    odd = [f"{name} ({w[1]})" for name, w in summary.layers.items() if slow_width(w[1])]
     if odd:  # measured: such widths made a 40 % ResNet-18 slower than its parent on ONNX Runtime CPU (docs/benchmarks.md)
         out.print(f"note: {len(odd)} kept widths are not multiples of 8 (e.g. {', '.join(odd[:2])}); such widths can leave "
                   "the child slower than its parent on CPU kernels; --round-to 8 or 16 avoids them (`compress profile` "

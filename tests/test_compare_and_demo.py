@@ -71,9 +71,8 @@ def test_compare_shards_then_gather(cli, cnn_parent, tmp_path):
 def test_uniform_search_matches_the_latency_aware_speedup(cnn_parent, tmp_path, monkeypatch):
     """The uniform cell bisects --sparsity until its measured speedup is within 5 % of the latency-aware
     child's. A fake timer stands in for ONNX Runtime: speedup = (parent params / child params) ** 0.7."""
-    runners = []
-    monkeypatch.setattr(speed_matched, "model_runner", lambda model, *a: runners.append(
-        SimpleNamespace(params=sum(p.numel() for p in model.parameters()), close=lambda: None)) or runners[-1])
+    monkeypatch.setattr(speed_matched, "model_runner", lambda model, *a: SimpleNamespace(
+        params=sum(p.numel() for p in model.parameters()), close=lambda: None))
     monkeypatch.setattr(speed_matched, "paired", lambda base, child, rounds: {"speedup": {"median": (base.params / child.params) ** 0.7}})
     monkeypatch.setattr(speed_matched, "_finish", lambda *a: a[-1])  # fine-tuning is tested by the end-to-end grid
     parent = load_model_dir(cnn_parent)
