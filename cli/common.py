@@ -14,14 +14,18 @@ from compressor.finetune import TrainConfig, default_augment
 from compressor.progress import Reporter
 
 MODEL_HELP = ("Model directory, or a name: resnet20/32/44/56/110, vgg16_bn_cifar, vit_cifar, any torchvision or timm model "
-              "(torchvision:NAME / timm:NAME to pick a library)")
+              "(torchvision:NAME / timm:NAME to pick a library), or your own code as package.module:factory (imported "
+              "as `python -m` would, the working directory first on the path, and called with --model-arg; "
+              "this runs that code)")
 Model = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP + ".")]
 Checkpoint = Annotated[Optional[Path], typer.Option(help="Weights for a model name: .safetensors, or a state dict loaded with torch.load(weights_only=True).")]
 Pretrained = Annotated[bool, typer.Option("--pretrained", help="Library weights for a model name (downloads; needs a network).")]
 TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow full unpickling of --checkpoint. Runs code from the file: only for files you trust.")]
-ModelArg = Annotated[Optional[list[str]], typer.Option("--model-arg", help="Constructor argument for a model name, key=value (repeatable), e.g. width=8.")]
-InputSize = Annotated[Optional[int], typer.Option(help="Input height/width for a model name (default: the architecture's).")]
-NumClasses = Annotated[Optional[int], typer.Option(help="Classes for a model name built without data (default: the dataset's).")]
+ModelArg = Annotated[Optional[list[str]], typer.Option("--model-arg", help="Constructor (or factory) argument for a model name, key=value (repeatable, values as JSON where they parse), e.g. width=8.")]
+InputSize = Annotated[Optional[int], typer.Option(help="Input height/width for a model name (default: the architecture's; 224 for your own factory unless it carries a timm pretrained_cfg).")]
+InputChannels = Annotated[Optional[int], typer.Option(help="Input channels of your own factory's model (default 3).")]
+NumClasses = Annotated[Optional[int], typer.Option(help="Classes for a model name built without data (default: the dataset's); passed to your own factory as num_classes where it takes that argument.")]
+IgnoreLayers = Annotated[Optional[list[str]], typer.Option("--ignore-layers", help="Glob on module names kept untouched (repeatable; torch-pruning's ignored_layers), e.g. 'head.*' for a detection or segmentation head. Layers that produce the model's outputs are kept anyway.")]
 Data = Annotated[Optional[str], typer.Option("--data", "-d", help=f"Dataset: {', '.join(DATASETS)}, or none. Default: the dataset the model was trained on.")]
 DataDir = Annotated[Optional[str], typer.Option(help="Dataset directory (Fashion-MNIST IDX files, CIFAR torchvision layout, ImageFolder).")]
 TrainSize = Annotated[Optional[int], typer.Option(help="Use a class-balanced subset of this many training images.")]

@@ -56,6 +56,7 @@ def compare(
     trust_pickle: c.TrustPickle = False,
     model_arg: c.ModelArg = None,
     input_size: c.InputSize = None,
+    input_channels: c.InputChannels = None,
     data: c.Data = None,
     data_dir: c.DataDir = None,
     train_size: c.TrainSize = None,
@@ -91,7 +92,8 @@ def compare(
         raise UserError(f"{out_dir} is not a compare run (no compare.json)")
     dev = pick_device(device)
     ds = dataset_for(data, data_dir, train_size, test_size, False)
-    lm = get_model(Source(model, checkpoint, pretrained, trust_pickle, parse_model_args(model_arg), input_size, seed=seed), ds)
+    lm = get_model(Source(model, checkpoint, pretrained, trust_pickle, parse_model_args(model_arg), input_size, seed=seed,
+                        input_channels=input_channels), ds)
     if ds is None:
         ds = dataset_for(None, None, train_size, test_size, False, lm.record)
     ds = keep_holdout(ds, lm.record)

@@ -77,6 +77,7 @@ def finetune(
     trust_pickle: c.TrustPickle = False,
     model_arg: c.ModelArg = None,
     input_size: c.InputSize = None,
+    input_channels: c.InputChannels = None,
     num_classes: c.NumClasses = None,
     seed: c.Seed = 0,
     device: c.Device = "auto",
@@ -100,7 +101,8 @@ def finetune(
     world, dev = distributed.init(pick_device(device))
     if not world.main:
         quiet = True
-    src = Source(str(directory or model), checkpoint, pretrained, trust_pickle, parse_model_args(model_arg), input_size, num_classes, seed)
+    src = Source(str(directory or model), checkpoint, pretrained, trust_pickle, parse_model_args(model_arg), input_size, num_classes, seed,
+                 input_channels=input_channels)
     ds = dataset_for(data, data_dir, train_size, test_size, download, holdout=holdout)
     lm = get_model(src, ds)
     if ds is None:

@@ -30,6 +30,14 @@ def info(
               f"trained on {rec.dataset.name if rec.dataset else 'unknown data'}")
     out.print(f"params {fmt_int(m.get('params'))}, MACs {fmt_int(m.get('macs'))}"
               + (f", top-1 {m['top1']:.2f}% / top-5 {m['top5']:.2f}% on {m.get('eval_dataset', '?')} {m.get('eval_split', '')}" if "top1" in m else ""))
+    if rec.arch.code:
+        code = rec.arch.code
+        out.print(f"code {code.get('module')} ({code.get('file')}, version {code.get('version') or '?'}, sha256 {str(code.get('sha256'))[:16]}...)")
+    if rec.outputs and not rec.classifier:
+        out.print("outputs " + ", ".join(f"{n} {s}" for n, s in zip(rec.outputs["names"], rec.outputs["shapes"]))
+                  + " (not a classifier: no accuracy)")
+    elif m.get("eval_note"):
+        out.print(m["eval_note"])
     out.print(f"weights {rec.weights.get('file')} ({fmt_int(rec.weights.get('bytes'))} bytes, sha256 {rec.weights.get('sha256', '')[:16]}...)")
     if rec.removed_blocks:
         out.print(f"removed blocks: {', '.join(rec.removed_blocks)}")

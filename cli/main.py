@@ -25,12 +25,18 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+          strict: bool = typer.Option(False, "--strict", help="Refuse a model directory built from your own code "
+                                      "(package.module:factory) whose module file changed since it was written "
+                                      "(default: load it with a warning naming both hashes).")):
     """Prune, fine-tune, export and profile vision models; prove the speedup on the machine you deploy on."""
+    from compressor.models import user_code
+
+    user_code.set_strict(strict)
 
 
 def _register() -> None:
-    from . import compare, demo, export, finetune, info, package, profile, prune
+    from . import compare, demo, export, finetune, info, package, profile, prune, trust
 
     app.command("demo")(demo.demo)
     app.add_typer(prune.app, name="prune")
@@ -40,6 +46,7 @@ def _register() -> None:
     app.command("compare")(compare.compare)
     app.command("package")(package.package)
     app.command("info")(info.info)
+    app.command("trust")(trust.trust)
 
 
 _register()

@@ -64,8 +64,9 @@ def prune(
     latency_iterations: Annotated[int, _lat("plan, prune and measure attempts; each corrects the budget by what the last ones measured.")] = 5,
     min_width_fraction: Annotated[float, _lat("every layer keeps at least this share of its channels.")] = 0.2,
     threads: Annotated[Optional[int], _lat("CPU threads for every latency measurement (default: the runtime's).")] = None,
+    ignore_layers: c.IgnoreLayers = None,
     checkpoint: c.Checkpoint = None, pretrained: c.Pretrained = False, trust_pickle: c.TrustPickle = False,
-    model_arg: c.ModelArg = None, input_size: c.InputSize = None, num_classes: c.NumClasses = None,
+    model_arg: c.ModelArg = None, input_size: c.InputSize = None, input_channels: c.InputChannels = None, num_classes: c.NumClasses = None,
     data: c.Data = None, data_dir: c.DataDir = None, train_size: c.TrainSize = None, test_size: c.TestSize = None,
     download: c.Download = False,
     calib_size: Annotated[Optional[int], typer.Option(help="Class-balanced calibration images from the training split (taylor, kl, greedy); default per metric: kl 256 (Luo & Wu), others 3000.")] = None,
@@ -87,7 +88,8 @@ def prune(
         calib_size = max((m.calib_default for m in used), default=3000)
     cfg = WidthConfig(metric=metric, sparsity=sparsity, scope=tuple(c.csv_list(scope)), ffn_metric=ffn_metric,
                       global_ranking=global_ranking, round_to=round_to, seed=seed, greedy_step=greedy_step,
-                      kl_direction=kl_direction, layer_sparsity=_layer_ratios(layer_sparsity or []))
+                      kl_direction=kl_direction, layer_sparsity=_layer_ratios(layer_sparsity or []),
+                      ignore_layers=tuple(ignore_layers or ()))
     target = None
     if target_speedup is not None or target_latency_ms is not None:
         if threads is not None and threads < 1:
@@ -101,7 +103,8 @@ def prune(
     if target is not None:
         target.validate()
         LayerLatency(latency_backend, latency_device, latency_batch, threads, None)  # refuses bad backend/device/batch
-    src = Source(model, checkpoint, pretrained, trust_pickle, parse_model_args(model_arg), input_size, num_classes, seed)
+    src = Source(model, checkpoint, pretrained, trust_pickle, parse_model_args(model_arg), input_size, num_classes, seed,
+                 input_channels=input_channels)
     lm, ds, dev, settings = _load(src, data, data_dir, train_size, test_size, download, device)
     rep = c.reporter(quiet)
     if target is not None:
@@ -126,7 +129,7 @@ def layers(
     min_blocks_per_stage: MinBlocks = 2,
     kl_direction: c.KlDirection = KL_DEFAULT,
     checkpoint: c.Checkpoint = None, pretrained: c.Pretrained = False, trust_pickle: c.TrustPickle = False,
-    model_arg: c.ModelArg = None, input_size: c.InputSize = None, num_classes: c.NumClasses = None,
+    model_arg: c.ModelArg = None, input_size: c.InputSize = None, input_channels: c.InputChannels = None, num_classes: c.NumClasses = None,
     data: c.Data = None, data_dir: c.DataDir = None, train_size: c.TrainSize = None, test_size: c.TestSize = None,
     download: c.Download = False, calib_size: c.CalibSize = 3000, seed: c.Seed = 0, device: c.Device = "auto",
     overwrite: c.Overwrite = False, quiet: c.Quiet = False, config: c.Config = None,
@@ -139,7 +142,8 @@ def layers(
     if min_blocks_per_stage < 1:
         raise UserError("--min-blocks-per-stage must be >= 1")
     n = None if num_blocks == "max" else _int(num_blocks, "--num-blocks")
-    src = Source(model, checkpoint, pretrained, trust_pickle, parse_model_args(model_arg), input_size, num_classes, seed)
+    src = Source(model, checkpoint, pretrained, trust_pickle, parse_model_args(model_arg), input_size, num_classes, seed,
+                 input_channels=input_channels)
     lm, ds, dev, settings = _load(src, data, data_dir, train_size, test_size, download, device)
     pruned, rec, summary = layer_prune(lm, ds, metric, n, min_blocks_per_stage, calib_size, seed, dev, c.reporter(quiet), settings,
                                        kl_direction)
@@ -176,7 +180,7 @@ def auto(
     milestones: c.Milestones = None,
     augment: c.Augment = None, amp: c.Amp = True,
     checkpoint: c.Checkpoint = None, pretrained: c.Pretrained = False, trust_pickle: c.TrustPickle = False,
-    model_arg: c.ModelArg = None, input_size: c.InputSize = None, num_classes: c.NumClasses = None,
+    model_arg: c.ModelArg = None, input_size: c.InputSize = None, input_channels: c.InputChannels = None, num_classes: c.NumClasses = None,
     data: c.Data = None, data_dir: c.DataDir = None, train_size: c.TrainSize = None, test_size: c.TestSize = None,
     download: c.Download = False, calib_size: c.CalibSize = 3000, seed: c.Seed = 0, device: c.Device = "auto",
     overwrite: c.Overwrite = False, quiet: c.Quiet = False, config: c.Config = None,
@@ -191,7 +195,8 @@ def auto(
                       holdout=holdout, calib_size=calib_size, seed=seed, kl_direction=kl_direction,
                       filter_allocation=filter_allocation)
     acfg.validate()
-    src = Source(model, checkpoint, pretrained, trust_pickle, parse_model_args(model_arg), input_size, num_classes, seed)
+    src = Source(model, checkpoint, pretrained, trust_pickle, parse_model_args(model_arg), input_size, num_classes, seed,
+                 input_channels=input_channels)
     lm, ds, dev, settings = _load(src, data, data_dir, train_size, test_size, download, device)
     if ds is None:
         raise UserError("prune auto fine-tunes candidates: it needs --data")

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import outputs
 from .data import Batches, ImageSet, InputSpec
 
 
@@ -19,7 +20,7 @@ def evaluate(model: nn.Module, data: ImageSet, spec: InputSpec, batch_size: int 
     loss = 0.0
     n = 0
     for x, y in Batches(data, spec, batch_size, device=device):
-        out = model(x).float()
+        out = outputs.logits(model(x), "accuracy").float()
         loss += float(F.cross_entropy(out, y, reduction="sum"))
         k = min(5, out.shape[1])
         top = out.topk(k, dim=1).indices

@@ -21,7 +21,7 @@ import torch_pruning as tp
 from .data import Batches, ImageSet, InputSpec
 from .errors import UserError
 from .progress import QUIET, Reporter
-from . import masked_eval
+from . import masked_eval, outputs
 from .structures import PRODUCER_FNS, GroupInfo, Masks, execution_order, group_key
 
 _WEIGHTED = [nn.modules.conv._ConvNd, nn.Linear]
@@ -127,15 +127,20 @@ def _batches(calib: ImageSet, spec: InputSpec, batch_size: int, device) -> Batch
 
 
 def accumulate_gradients(model: nn.Module, calib: ImageSet, spec: InputSpec, batch_size: int, device,
-                         reporter: Reporter = QUIET) -> None:
-    """dL/dw summed over the calibration set (mean loss per image), for the Taylor metric."""
+                         reporter: Reporter = QUIET, loss_fn=None) -> None:
+    """dL/dw summed over the calibration set (mean loss per image), for the Taylor metric. The loss is
+    cross-entropy on the logits, or `loss_fn(outputs, targets)` (a batch's mean loss) for other models."""
     model.eval()  # BatchNorm uses its running statistics; nothing is updated
     model.zero_grad(set_to_none=True)
     n = len(calib)
     batches = _batches(calib, spec, batch_size, device)
     with reporter.task("taylor: gradients", len(batches)) as advance:
         for x, y in batches:
-            loss = F.cross_entropy(model(x), y, reduction="sum") / n
+            out = model(x)
+            if loss_fn is None:
+                loss = F.cross_entropy(outputs.logits(out, "taylor"), y, reduction="sum") / n
+            else:
+                loss = loss_fn(out, y) * (x.shape[0] / n)
             loss.backward()
             advance()
 
@@ -143,7 +148,7 @@ def accumulate_gradients(model: nn.Module, calib: ImageSet, spec: InputSpec, bat
 @torch.no_grad()
 def log_probs(model: nn.Module, batches: Batches) -> list[torch.Tensor]:
     """The parent's log-probabilities on every calibration batch, computed once."""
-    return [F.log_softmax(model(x).float(), dim=1) for x, _ in batches]
+    return [F.log_softmax(outputs.logits(model(x), "kl").float(), dim=1) for x, _ in batches]
 
 
 @torch.no_grad()
@@ -151,7 +156,7 @@ def kl_divergence(model: nn.Module, batches: Batches, base: list[torch.Tensor], 
     """Mean KL per image between the model as it is now (q: a unit or block removed) and the parent (p)."""
     total, n = 0.0, 0
     for (x, _), lp in zip(batches, base):
-        lq = F.log_softmax(model(x).float(), dim=1)
+        lq = F.log_softmax(outputs.logits(model(x), "kl").float(), dim=1)
         if direction == "child-parent":  # sum q (log q - log p), as Luo & Wu's and do Nascimento et al.'s code
             total += float(F.kl_div(lp, lq, log_target=True, reduction="sum"))
         else:  # sum p (log p - log q)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import __version__, atomic, provenance
+from . import __version__, atomic, outputs, provenance
 from .data import DataSpec, InputSpec
 from .errors import UserError
 from .models import ArchSpec, build
@@ -47,6 +47,11 @@ class ModelRecord:
     changed_modules: dict[str, dict] = field(default_factory=dict)
     removed_blocks: list[str] = field(default_factory=list)
     weights: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Any] | None = None  # names, per-image shapes, classifier (absent in older records: a classifier)
+
+    @property
+    def classifier(self) -> bool:
+        return self.outputs is None or bool(self.outputs.get("classifier", True))
 
     def to_json(self) -> dict:
         return {
@@ -60,6 +65,7 @@ class ModelRecord:
             "removed_blocks": self.removed_blocks,
             "changed_modules": self.changed_modules,
             "weights": self.weights,
+            **({"outputs": self.outputs} if self.outputs is not None else {}),
             "lineage": self.lineage,
         }
 
@@ -80,6 +86,7 @@ class ModelRecord:
                 changed_modules=dict(d.get("changed_modules") or {}),
                 removed_blocks=list(d.get("removed_blocks") or []),
                 weights=dict(d.get("weights") or {}),
+                outputs=d.get("outputs"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{where} is malformed: missing or bad field {e}") from None
@@ -87,7 +94,8 @@ class ModelRecord:
     def child(self) -> "ModelRecord":
         """A copy for a derived model (metrics are re-measured, lineage extended)."""
         return ModelRecord(self.arch, self.num_classes, self.input, list(self.labels), self.dataset,
-                           dict(self.metrics), [dict(e) for e in self.lineage], {}, list(self.removed_blocks), {})
+                           dict(self.metrics), [dict(e) for e in self.lineage], {}, list(self.removed_blocks), {},
+                           None if self.outputs is None else dict(self.outputs))
 
 
 def check_schema(d: dict, where: str) -> None:
@@ -234,6 +242,11 @@ def write_model_files(directory: str | os.PathLike, model: nn.Module, record: Mo
     broken = [n for n, t in model.named_parameters() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if broken:
         raise UserError(f"refusing to write a model with non-finite weights (NaN or inf in {broken[0]})")
+    if record.outputs is not None:  # a pruned head would change what the model returns: never written
+        spec = record.input
+        changed = outputs.changed_shapes(record.outputs, outputs.probe(model, spec.channels, spec.height, spec.width))
+        if changed:
+            raise UserError(f"refusing to write a model whose {changed}: keep that head with `ignore_layers`")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     fresh = build(record.arch, record.num_classes)
@@ -266,13 +279,14 @@ def verify_reload(model: nn.Module, record: ModelRecord, weights: Path) -> None:
     x = torch.randn(2, spec.channels, spec.height, spec.width, generator=torch.Generator().manual_seed(0)).to(device)
     was_training = model.training
     with torch.no_grad():
-        want = model.eval()(x).float().cpu()
-        got = again.to(device)(x).float().cpu()
+        wants = [t.float().cpu() for t in outputs.flatten(model.eval()(x))]
+        gots = [t.float().cpu() for t in outputs.flatten(again.to(device)(x))]
     model.train(was_training)
-    if want.shape != got.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5, equal_nan=True):
-        diff = (got - want).abs().max().item() if want.shape == got.shape else float("nan")
-        raise UserError(f"refusing to write a model directory that would not load again: the reloaded "
-                        f"{type(model).__name__} differs from the pruned one (max |diff| {diff:.3g})")
+    for want, got in zip(wants, gots, strict=False):
+        if len(wants) != len(gots) or want.shape != got.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5, equal_nan=True):
+            diff = (got - want).abs().max().item() if want.shape == got.shape else float("nan")
+            raise UserError(f"refusing to write a model directory that would not load again: the reloaded "
+                            f"{type(model).__name__} differs from the pruned one (max |diff| {diff:.3g})")
 
 
 def save_model_dir(path: str | os.PathLike, model: nn.Module, record: ModelRecord) -> ModelRecord:

@@ -13,12 +13,14 @@ import fnmatch
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
 from . import importance as imp
+from . import outputs
 from .data import ImageSet, InputSpec
 from .errors import UserError
 from .models import clone, get_classifier, is_vit
@@ -41,6 +43,8 @@ class WidthConfig:
     calib_batch: int = 128
     kl_direction: str = imp.KL_DEFAULT
     layer_sparsity: tuple[tuple[str, float], ...] = ()  # (glob on the group's root layer, ratio): first match wins
+    ignore_layers: tuple[str, ...] = ()  # globs on module names kept untouched (torch-pruning's ignored_layers)
+    loss: Callable[[Any, torch.Tensor], torch.Tensor] | None = None  # API only: taylor on a non-classifier
 
     def to_json(self) -> dict:
         out = {"metric": self.metric, "sparsity": self.sparsity, "scope": list(self.scope), "ffn_metric": self.ffn_metric,
@@ -48,6 +52,10 @@ class WidthConfig:
                "kl_direction": self.kl_direction}
         if self.layer_sparsity:
             out["layer_sparsity"] = [list(p) for p in self.layer_sparsity]
+        if self.ignore_layers:
+            out["ignore_layers"] = list(self.ignore_layers)
+        if self.loss is not None:
+            out["loss"] = getattr(self.loss, "__qualname__", type(self.loss).__name__)
         return out
 
     def ratio_for(self, group: str) -> float:
@@ -182,9 +190,8 @@ def _make_pruner(model: nn.Module, spec: InputSpec, cfg: WidthConfig, skip: froz
 
 def _build_pruner(model: nn.Module, spec: InputSpec, cfg: WidthConfig, skip: frozenset[str]):
     example = torch.zeros(1, spec.channels, spec.height, spec.width, device=next(model.parameters()).device)
-    head = get_classifier(model)
     by_name = dict(model.named_modules())
-    ignored = [head] + [by_name[n] for n in sorted(skip) if n in by_name]
+    ignored = kept_layers(model, spec, cfg) + [by_name[n] for n in sorted(skip) if n in by_name]
     common = dict(global_pruning=cfg.global_ranking, round_to=cfg.round_to)
     placeholder = tp.importance.GroupMagnitudeImportance(p=2)
     fc1s = _mlp_fc1s(model)
@@ -263,8 +270,12 @@ def _importance(model, pruner, infos, spec, cfg, calib, device, reporter):
         raise UserError(f"metric {', '.join(needs_data)} needs calibration data (pass `data`)")
     if any(m.needs_batchnorm for m in used) and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise UserError("bn-scale ranks structures by the BatchNorm after them; this model has no BatchNorm")
+    loss_based = sorted(m.name for m in used if m.gradients and cfg.loss is None or m.name == "kl")
+    if loss_based and not outputs.probe(model, spec.channels, spec.height, spec.width)["classifier"]:
+        raise UserError(f"metric {', '.join(loss_based)} needs a loss on class logits and this model is not a classifier; "
+                        "use l1, l2, random, bn-scale or output-norm-greedy (the Python API's prune takes a loss for taylor)")
     if any(m.gradients for m in used):
-        imp.accumulate_gradients(model, calib, spec, cfg.calib_batch, device, reporter)
+        imp.accumulate_gradients(model, calib, spec, cfg.calib_batch, device, reporter, cfg.loss)
     by_kind = {}
     for kind in ("head", "ffn", "channel"):
         metric = imp.REGISTRY[metric_of[kind]]
@@ -541,12 +552,49 @@ def _restore(model: nn.Module, original: nn.Module) -> None:
             setattr(model, k, copy.deepcopy(v))
 
 
-def check_runs(model: nn.Module, spec: InputSpec, when: str) -> None:
-    """A model that cannot run a forward pass is never written."""
-    x = torch.zeros(2, spec.channels, spec.height, spec.width, device=next(model.parameters()).device)
+def output_layers(model: nn.Module, spec: InputSpec) -> list[nn.Module]:
+    """Modules whose output is one of the model's outputs (heads): pruning their widths would change what
+    the model returns. A classifier's is its final layer."""
+    device = next(model.parameters()).device
+    produced: list[tuple[nn.Module, Any]] = []
+    hooks = [m.register_forward_hook(lambda mod, _a, out: produced.append((mod, out)))
+             for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
     try:
         with torch.no_grad():
-            model.eval()(x)
+            out = model.eval()(torch.zeros(1, spec.channels, spec.height, spec.width, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+    if outputs.is_classifier(out):
+        return [get_classifier(model)]
+    ends = {id(t) for t in outputs.flatten(out)}
+    return [m for m, o in produced if isinstance(o, torch.Tensor) and id(o) in ends]
+
+
+def ignored_by_glob(model: nn.Module, patterns: tuple[str, ...]) -> list[nn.Module]:
+    """Modules named by --ignore-layers globs; a glob that names nothing is refused (a typo would prune the head)."""
+    found = []
+    names = [n for n, _ in model.named_modules() if n]
+    by_name = dict(model.named_modules())
+    for pattern in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise UserError(f"`ignore_layers` {pattern!r} matches no module (names as in the model's named_modules(), "
+                            f"e.g. {', '.join(names[:3])})")
+        found += [by_name[n] for n in hits]
+    return found
+
+
+def kept_layers(model: nn.Module, spec: InputSpec, cfg: WidthConfig) -> list[nn.Module]:
+    return output_layers(model, spec) + ignored_by_glob(model, cfg.ignore_layers)
+
+
+def check_runs(model: nn.Module, spec: InputSpec, when: str) -> dict:
+    """A model that cannot run a forward pass is never written. Returns what it outputs (outputs.describe)."""
+    try:
+        return outputs.probe(model, spec.channels, spec.height, spec.width)
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"{type(model).__name__} does not run {when} on {spec.channels}x{spec.height}x{spec.width} inputs "
                         f"({_first_line(e)})") from None

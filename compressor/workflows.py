@@ -23,7 +23,7 @@ from .evaluate import evaluate
 from .finetune import TrainConfig, TrainResult, train
 from .layers import choose_blocks, removable, score_blocks
 from .modeldir import LoadedModel, ModelRecord, load_model_dir, remove_blocks, run_info
-from .models import ArchSpec, build, clone, default_input, pretrained_normalisation, resolve
+from .models import ArchSpec, build, clone, default_input, pretrained_normalisation, resolve, user_code
 from .progress import QUIET, Reporter
 from .pruning import WidthConfig, check_runs, prune_width
 
@@ -100,6 +100,7 @@ class Source:
     input_size: int | None = None
     num_classes: int | None = None
     seed: int = 0  # fixes the random initialisation of a model built by name
+    input_channels: int | None = None  # the user's own factory: channels of its input (default 3)
 
 
 def parse_model_args(items: list[str] | None) -> dict:
@@ -121,19 +122,27 @@ def get_model(src: Source, ds: Dataset | None) -> LoadedModel:
     """A model directory as saved, or a fresh/pretrained/checkpointed architecture by name."""
     p = Path(src.model)
     if p.exists():
-        if src.checkpoint or src.pretrained or src.model_args or src.input_size:
-            raise UserError("`checkpoint`/`pretrained`/`model_arg`/`input_size` apply to a model name, not a model directory")
+        if src.checkpoint or src.pretrained or src.model_args or src.input_size or src.input_channels:
+            raise UserError("`checkpoint`/`pretrained`/`model_arg`/`input_size`/`input_channels` apply to a model name, "
+                            "not a model directory")
         lm = load_model_dir(p)
         if ds is not None:
-            check_feedable(ds, lm.record.input, lm.record.num_classes, str(p))
+            check_feedable(ds, lm.record.input, lm.record.num_classes, str(p), lm.record.classifier)
         return lm
     if "/" in src.model or src.model.startswith("."):
         raise UserError(f"model directory {src.model} does not exist")
     source, name = resolve(src.model)
     kwargs = dict(src.model_args or {})
+    if src.input_size is not None and src.input_size < 8:
+        raise UserError("`input_size` must be at least 8")
+    if src.input_channels is not None and not 1 <= src.input_channels <= 64:
+        raise UserError("`input_channels` must be between 1 and 64")
+    if source == user_code.SOURCE:
+        return _user_model(src, name, kwargs, ds)
+    if src.input_channels is not None:
+        raise UserError("`input_channels` is for your own factory (package.module:function); library models take "
+                        "`model_arg` in_chans=N where they support it")
     if src.input_size is not None:
-        if src.input_size < 8:
-            raise UserError("`input_size` must be at least 8")
         if source == "timm" or (source == "compress" and name == "vit_cifar"):
             kwargs["img_size"] = src.input_size  # dropped below for the models that take any size
     classes = src.num_classes or (ds.num_classes if ds is not None else (10 if source == "compress" else 1000))
@@ -166,11 +175,16 @@ def get_model(src: Source, ds: Dataset | None) -> LoadedModel:
         spec = InputSpec(c, h, w, (0.5,) * c, (0.25,) * c)
     if src.checkpoint is not None:
         load_into(model, load_state_file(src.checkpoint, src.trust_pickle), src.checkpoint)
-    check_runs(model, spec, "as built")
+    outs = check_runs(model, spec, "as built")
     if ds is not None:
         check_feedable(ds, spec, classes, src.model)
-    labels = ds.classes if ds is not None else [str(i) for i in range(classes)]
-    rec = ModelRecord(arch, classes, spec, labels, ds.spec if ds is not None else None)
+    return _created(src, model, arch, classes, spec, ds, outs)
+
+
+def _created(src: Source, model: nn.Module, arch: ArchSpec, classes: int, spec: InputSpec, ds: Dataset | None,
+             outs: dict) -> LoadedModel:
+    labels = ds.classes if ds is not None and outs["classifier"] else [str(i) for i in range(classes)]
+    rec = ModelRecord(arch, classes, spec, labels, ds.spec if ds is not None else None, outputs=outs)
     origin = "pretrained" if src.pretrained else ("checkpoint" if src.checkpoint else "random init")
     rec.lineage.append(run_info("create", {"model": src.model, "origin": origin,
                                            "checkpoint": str(src.checkpoint) if src.checkpoint else None},
@@ -179,9 +193,38 @@ def get_model(src: Source, ds: Dataset | None) -> LoadedModel:
     return LoadedModel(model, rec, None)
 
 
-def check_feedable(ds: Dataset, spec: InputSpec, classes: int, what: str) -> None:
-    """The data must fit the model: same classes, and channels we can map (grey->N, RGB->grey)."""
-    if ds.num_classes != classes:
+def _user_model(src: Source, name: str, kwargs: dict, ds: Dataset | None) -> LoadedModel:
+    """`--model package.module:factory`: the user's own code, named on this command line."""
+    if src.pretrained:
+        raise UserError("`pretrained` loads a library's weights; for your own model give `checkpoint`")
+    fn = user_code.factory(name)
+    classes_given = src.num_classes or (ds.num_classes if ds is not None else None)
+    if "num_classes" not in kwargs and classes_given and user_code.accepts(fn, "num_classes"):
+        kwargs["num_classes"] = classes_given  # recorded, so a reload calls the factory the same way
+    arch = ArchSpec(user_code.SOURCE, name, kwargs, user_code.fingerprint(name))
+    torch.manual_seed(src.seed)
+    model = build(arch, 0, named_by_user=True)
+    c = src.input_channels or 3
+    cfg_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")  # a timm backbone inside says
+    h = w = src.input_size or (int(cfg_size[-1]) if cfg_size else 224)
+    spec = ds.input_spec(c, h, w) if ds is not None else InputSpec(c, h, w, (0.5,) * c, (0.25,) * c)
+    if src.checkpoint is not None:
+        load_into(model, load_state_file(src.checkpoint, src.trust_pickle), src.checkpoint)
+    outs = check_runs(model, spec, "as built")
+    if outs["classifier"]:
+        classes = int(outs["shapes"][0][0])
+        if src.num_classes is not None and src.num_classes != classes:
+            raise UserError(f"`num_classes` {src.num_classes} but {name} returns {classes} logits")
+    else:
+        classes = classes_given or 1
+    if ds is not None:
+        check_feedable(ds, spec, classes, name, outs["classifier"])
+    return _created(src, model, arch, classes, spec, ds, outs)
+
+
+def check_feedable(ds: Dataset, spec: InputSpec, classes: int, what: str, classifier: bool = True) -> None:
+    """The data must fit the model: same classes (a classifier), and channels we can map (grey->N, RGB->grey)."""
+    if classifier and ds.num_classes != classes:
         raise UserError(f"{what} has {classes} classes but dataset {ds.spec.name} has {ds.num_classes}")
     if ds.channels != spec.channels and ds.channels != 1 and not (ds.channels == 3 and spec.channels == 1):
         raise UserError(f"{ds.spec.name} has {ds.channels}-channel images; {what} takes {spec.channels} channels")
@@ -221,10 +264,12 @@ def trained_on(record: ModelRecord, spec: DataSpec) -> bool:
     return False
 
 
-def measure(model: nn.Module, spec: InputSpec, ds: Dataset | None, device) -> dict:
+def measure(model: nn.Module, spec: InputSpec, ds: Dataset | None, device, classifier: bool = True) -> dict:
     stats = count(model, (spec.channels, spec.height, spec.width), device)
     out = {"params": stats["params"], "macs": stats["macs"], "flops_all": stats["flops_all"]}
-    if ds is not None:
+    if ds is not None and not classifier:
+        out["eval_note"] = "no accuracy: the model is not a classifier (its outputs are not batch x classes logits)"
+    elif ds is not None:
         ev = evaluate(model, ds.test, spec, 256, device)
         out.update({"top1": ev["top1"], "top5": ev["top5"], "eval_split": "test", "eval_images": ev["n"],
                     "eval_dataset": ds.spec.name})
@@ -258,12 +303,12 @@ def width_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, calib_siz
                 reporter: Reporter = QUIET, settings: dict | None = None) -> tuple[nn.Module, ModelRecord, PruneResult]:
     spec = lm.record.input
     model = clone(lm.model).to(device).eval()
-    before = measure(model, spec, ds, device)
+    before = measure(model, spec, ds, device, lm.record.classifier)
     calib = ds.calibration(calib_size, cfg.seed) if ds is not None else None
     t0 = time.perf_counter()
     report = prune_width(model, spec, cfg, calib, device, reporter, original=lm.model)
     prune_s = time.perf_counter() - t0
-    after = measure(model, spec, ds, device)
+    after = measure(model, spec, ds, device, lm.record.classifier)
     rec = lm.record.child()
     rec.metrics = after
     # with per-layer ratios, what was asked is the share their plan removes
@@ -289,7 +334,7 @@ def layer_prune(lm: LoadedModel, ds: Dataset | None, metric: str, num_blocks: in
     """Remove the `num_blocks` lowest-scored removable blocks at once (None = all removable)."""
     spec = lm.record.input
     model = clone(lm.model).to(device).eval()
-    before = measure(model, spec, ds, device)
+    before = measure(model, spec, ds, device, lm.record.classifier)
     blocks = removable(model, min_per_stage)
     if not blocks:
         raise UserError(f"no block can be removed while keeping {min_per_stage} per stage")
@@ -302,7 +347,7 @@ def layer_prune(lm: LoadedModel, ds: Dataset | None, metric: str, num_blocks: in
     if len(chosen) < n:
         raise UserError(f"only {len(chosen)} blocks can be removed while keeping {min_per_stage} per stage (asked {n})")
     remove_blocks(model, chosen)
-    after = measure(model, spec, ds, device)
+    after = measure(model, spec, ds, device, lm.record.classifier)
     rec = lm.record.child()
     rec.removed_blocks = list(lm.record.removed_blocks) + chosen
     rec.metrics = after
@@ -317,6 +362,10 @@ def layer_prune(lm: LoadedModel, ds: Dataset | None, metric: str, num_blocks: in
 def finetune(lm: LoadedModel, ds: Dataset, cfg: TrainConfig, run_dir: Path | None, resume: bool, device,
              distill: bool = False, reporter: Reporter = QUIET, settings: dict | None = None,
              stage: str | None = None) -> tuple[nn.Module, ModelRecord, TrainResult]:
+    if not lm.record.classifier:
+        raise UserError("fine-tuning trains on class labels and this model is not a classifier (it returns "
+                        f"{', '.join(lm.record.outputs['names'] if lm.record.outputs else [])}); fine-tune it in your own "
+                        "training loop (README: Your own model) and save it with the Python API")
     spec = lm.record.input
     model = clone(lm.model)
     teacher = clone(lm.model) if distill else None

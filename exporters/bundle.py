@@ -26,7 +26,7 @@ from compressor.errors import GateFailed, UserError
 from compressor.modeldir import LoadedModel
 from compressor.workflows import dataset_for
 
-from .model_export import export_onnx, export_openvino
+from .model_export import export_onnx, export_openvino, single_output
 from .precision import TOLERANCE
 
 # Requirements come in matching pairs: a TensorRT wheel and the cuda-python of the same CUDA major. The
@@ -87,6 +87,8 @@ def build(lm: LoadedModel, target: str, out: Path, precision: str = "fp32", samp
         raise UserError(f"`target` must be one of {', '.join(TARGETS)}")
     t = TARGETS[target]
     runtime, requirements = str(t["runtime"]), list(t["requirements"])
+    if runtime == "tensorrt":
+        single_output(lm, f"the {target} bundle")
     ds = dataset_for(None, None, None, None, False, lm.record)
     spec = lm.record.input
     files: dict[str, bytes] = {}
@@ -124,6 +126,7 @@ def build(lm: LoadedModel, target: str, out: Path, precision: str = "fp32", samp
                           "channel_order": "RGB" if spec.channels == 3 else "L", "scale": "pixel/255",
                           "resize": "centred zero padding for a small enlargement, else bilinear"},
         "labels": list(lm.record.labels),
+        "outputs": dict(lm.record.outputs or {"names": ["logits"], "classifier": True}),
         "metrics": {k: lm.record.metrics.get(k) for k in ("params", "macs", "top1", "top5", "eval_dataset", "eval_split")},
         "runtime": {"target": target, "name": runtime, "device": t["device"], "requirements": requirements,
                     "onnx_opset": rep["opset"], **({"openvino": rep["openvino"], "inference_precision": "f32"} if openvino else {})},
@@ -140,15 +143,25 @@ def build(lm: LoadedModel, target: str, out: Path, precision: str = "fp32", samp
         if sample_names:
             run = _our_run_py()
             x = np.stack([run.preprocess(root / n, manifest["preprocessing"]) for n in sample_names])
-            logits = _runtime_model(run, root, manifest)(x)
-            manifest["samples"]["expected_logits"] = np.round(logits.astype(np.float64), 6).tolist()
-            manifest["samples"]["expected_labels"] = [int(v) for v in logits.argmax(1)]
+            outs = _runtime_model(run, root, manifest)(x)
+            manifest["samples"]["expected_outputs"] = [np.round(_sampled(o).astype(np.float64), 6).tolist() for o in outs]
+            if lm.record.classifier:
+                manifest["samples"]["expected_labels"] = [int(v) for v in outs[0].argmax(1)]
     manifest["files"] = {name: atomic.sha256_bytes(data) for name, data in sorted(files.items())}
     manifest["build"] = {"time": _now(), "host": platform.node(), "compress": __version__, "python": platform.python_version(),
                          "export_check": rep["agreement"], "profile": profile_doc}
     files["manifest.json"] = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
     _tar(files, out)
     return manifest
+
+
+SAMPLED_VALUES = 4096  # per image and output: a dense output (a mask) is checked on an even stride of its values
+
+
+def _sampled(out: np.ndarray) -> np.ndarray:
+    """(images, values): all of a logits row, every k-th value of a large output (k fixed by its size)."""
+    flat = out.reshape(len(out), -1)
+    return flat[:, ::max(1, -(-flat.shape[1] // SAMPLED_VALUES))]
 
 
 def _runtime_model(run, root: Path, m: dict):
@@ -249,17 +262,20 @@ def _verify_contents(root: Path, m: dict) -> dict:
             raise GateFailed("manifest.json lists sample images that are not bundle files")
         run = _our_run_py()
         x = np.stack([run.preprocess(root / n, m["preprocessing"]) for n in samples])
-        got = _runtime_model(run, root, m)(x).astype(np.float64)
-        want = np.asarray(m["samples"]["expected_logits"], dtype=np.float64)
-        if got.shape != want.shape:
-            raise GateFailed(f"the bundled model gives outputs of shape {got.shape}; the manifest records {want.shape}")
-        if not np.isfinite(got).all():
+        gots = [_sampled(o).astype(np.float64) for o in _runtime_model(run, root, m)(x)]
+        recorded = m["samples"].get("expected_outputs")
+        wants = [np.asarray(w, dtype=np.float64) for w in (recorded if recorded is not None else [m["samples"].get("expected_logits")])]
+        if len(gots) != len(wants) or any(g.shape != w.shape for g, w in zip(gots, wants)):
+            raise GateFailed(f"the bundled model gives outputs of shapes {[g.shape for g in gots]}; the manifest records "
+                             f"{[w.shape for w in wants]}")
+        if not all(np.isfinite(g).all() for g in gots):
             raise GateFailed("the bundled model gives non-finite outputs (NaN or inf) on the sample images")
-        diff = float(np.abs(got - want).max())
-        agree = float((got.argmax(1) == want.argmax(1)).mean())
+        diff = max(float(np.abs(g - w).max()) for g, w in zip(gots, wants))
+        got, want = gots[0], wants[0]
+        agree = float((got.argmax(1) == want.argmax(1)).mean()) if m.get("outputs", {}).get("classifier", True) else 1.0
         tol = m["samples"]["tolerance"]
         # Both sides are this graph on the same runtime on a CPU: only run-to-run and rounding noise is allowed.
-        limit = 1e-3 + 1e-3 * float(np.abs(want).max())
+        limit = 1e-3 + 1e-3 * max(float(np.abs(w).max()) for w in wants)
         if diff > limit or agree < 1.0:
             raise GateFailed(f"sample outputs differ from the recorded ones (max |diff| {diff:.3g}, top-1 agreement {agree:.0%})")
         result.update({"max_abs_diff": diff, "top1_agreement": agree, "tolerance": tol})

@@ -68,11 +68,19 @@ def export_onnx(lm: LoadedModel, out: Path, precision: str = "fp32", data: str |
     return report
 
 
+def single_output(lm: LoadedModel, what: str) -> None:
+    names = (lm.record.outputs or {}).get("names") or ["logits"]
+    if len(names) > 1:
+        raise UserError(f"{what} runs models with one output; {lm.path or 'this model'} returns {len(names)} "
+                        f"({', '.join(names)}): export it to ONNX or OpenVINO")
+
+
 def export_tensorrt(lm: LoadedModel, out: Path, precision: str = "fp16", data: str | None = None, *, min_batch=1, opt_batch=8,
                     max_batch=64, workspace_gb=4.0, timing_cache: Path | None = None, version_compatible=False,
                     calib_size=256, check_size=64) -> dict:
     from . import tensorrt_export
 
+    single_output(lm, "TensorRT export")
     tensorrt_export.require_tensorrt()  # fail before any work, with what to install
     spec = lm.record.input
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
@@ -87,7 +95,8 @@ def export_tensorrt(lm: LoadedModel, out: Path, precision: str = "fp16", data: s
             agreement = tensorrt_export.engine_vs_onnx(engine_tmp, onnx_path, inputs, max_batch, version_compatible)
             problem = onnx_export.within(onnx_export.Agreement(agreement["max_abs_diff"], agreement["worst_input"],
                                                                agreement["reference_max_abs"], agreement["top1_agreement"],
-                                                               agreement["inputs"]), precision)
+                                                               agreement["inputs"], agreement["top1_checked"],
+                                                               agreement["outputs"]), precision)
             if problem:
                 raise UserError(f"refusing to write {out}: TensorRT vs ONNX Runtime: {problem}")
     report = {"file": str(out), "tensorrt": trt_rep, "onnx": {k: onnx_rep[k] for k in ("precision", "opset", "agreement")},
@@ -113,8 +122,7 @@ def export_openvino(lm: LoadedModel, out: Path, precision: str = "fp32", data: s
     spec = lm.record.input
     shape = (spec.channels, spec.height, spec.width)
     model = lm.model.eval().cpu()
-    with torch.no_grad():
-        reference = torch.cat([model(torch.from_numpy(inputs[i:i + 64])) for i in range(0, len(inputs), 64)]).numpy()
+    reference = onnx_export.torch_outputs(model, inputs)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         onnx_rep = onnx_export.export(model, shape, onnx_path, inputs=inputs, inputs_are=what)

@@ -17,12 +17,13 @@ import onnx
 import torch
 import torch.nn as nn
 
-from compressor import atomic
+from compressor import atomic, outputs
 from compressor.errors import UserError
 
 from .precision import PRECISIONS, TOLERANCE, to_fp16, to_int8
 
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
+INPUT_NAME, OUTPUT_NAME = "input", outputs.LOGITS
+INT8_RELATIVE = 0.1  # int8 of a model without class logits: |diff| <= 10 % of the largest output
 
 
 @dataclass
@@ -32,10 +33,13 @@ class Agreement:
     reference_scale: float
     top1_agreement: float
     n: int
+    classified: bool = True  # some output is batch x classes; otherwise top-1 agreement is not defined (1.0)
+    outputs: int = 1
 
     def to_json(self) -> dict:
         return {"max_abs_diff": self.max_abs_diff, "worst_input": self.worst_input,
-                "reference_max_abs": self.reference_scale, "top1_agreement": self.top1_agreement, "inputs": self.n}
+                "reference_max_abs": self.reference_scale, "top1_agreement": self.top1_agreement, "inputs": self.n,
+                "outputs": self.outputs, "top1_checked": self.classified}
 
 
 def ort_session(path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None):
@@ -52,21 +56,41 @@ def ort_session(path: str | os.PathLike, providers: list[str] | None = None, thr
         raise UserError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
 
 
-def run_ort(session, x: np.ndarray, batch: int = 64) -> np.ndarray:
+def run_ort(session, x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
+    """Every output of the graph on `x`, in the graph's output order."""
     name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+    runs = [session.run(None, {name: x[i:i + batch]}) for i in range(0, len(x), batch)]
+    return [np.concatenate([r[k] for r in runs]) for k in range(len(runs[0]))]
 
 
-def compare(reference: np.ndarray, got: np.ndarray) -> Agreement:
-    diff = np.abs(reference.astype(np.float64) - got.astype(np.float64)).reshape(len(reference), -1).max(1)
+@torch.no_grad()
+def torch_outputs(model: nn.Module, inputs: np.ndarray, batch: int = 64) -> list[np.ndarray]:
+    """Every output of the PyTorch model on `inputs` (flattened as torch.export flattens them)."""
+    runs = [outputs.flatten(model(torch.from_numpy(inputs[i:i + batch]))) for i in range(0, len(inputs), batch)]
+    return [torch.cat([r[k] for r in runs]).float().numpy() for k in range(len(runs[0]))]
+
+
+def compare(reference: list[np.ndarray] | np.ndarray, got: list[np.ndarray] | np.ndarray) -> Agreement:
+    """Agreement over every output: the largest |difference| per input, and top-1 agreement over the
+    outputs that are batch x classes."""
+    refs = [reference] if isinstance(reference, np.ndarray) else list(reference)
+    gots = [got] if isinstance(got, np.ndarray) else list(got)
+    if len(refs) != len(gots) or any(r.shape != g.shape for r, g in zip(refs, gots)):
+        raise UserError(f"the exported graph returns {[list(g.shape) for g in gots]}; PyTorch returns {[list(r.shape) for r in refs]}")
+    n = len(refs[0])
+    diff = np.max([np.abs(r.astype(np.float64) - g.astype(np.float64)).reshape(n, -1).max(1) for r, g in zip(refs, gots)], axis=0)
     worst = int(diff.argmax())
-    agree = float((reference.argmax(1) == got.argmax(1)).mean())
-    return Agreement(float(diff[worst]), worst, float(np.abs(reference).max()), agree, len(reference))
+    logits = [(r, g) for r, g in zip(refs, gots) if r.ndim == 2 and r.shape[1] > 1]
+    agree = float(np.mean([(r.argmax(1) == g.argmax(1)).mean() for r, g in logits])) if logits else 1.0
+    scale = float(max(np.abs(r).max() for r in refs))
+    return Agreement(float(diff[worst]), worst, scale, agree, n, bool(logits), len(refs))
 
 
 def within(agreement: Agreement, precision: str, tolerance: float | None = None) -> str | None:
     """None if acceptable, else the reason."""
     atol, rtol, min_agree = TOLERANCE[precision]
+    if atol is None and not agreement.classified:  # int8 of a model with no logits: bound the error instead
+        atol, rtol = 0.0, INT8_RELATIVE
     if not (math.isfinite(agreement.max_abs_diff) and math.isfinite(agreement.reference_scale)):
         return "the outputs are not finite (NaN or inf): the model's weights or the graph are broken"
     if tolerance is not None:
@@ -82,11 +106,13 @@ def within(agreement: Agreement, precision: str, tolerance: float | None = None)
 def _export_fp32(model: nn.Module, shape: tuple[int, int, int]) -> onnx.ModelProto:
     model = model.eval().cpu()
     example = torch.zeros(2, *shape)
+    with torch.no_grad():
+        names = outputs.names(model(example))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             prog = torch.onnx.export(model, (example,), None, dynamo=True, input_names=[INPUT_NAME],
-                                     output_names=[OUTPUT_NAME], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                     output_names=names, dynamic_shapes=({0: torch.export.Dim("batch")},),
                                      verbose=False)
         except Exception as e:
             raise UserError(f"torch.onnx.export failed: {str(e).splitlines()[0][:200]}") from None
@@ -102,8 +128,7 @@ def export(model: nn.Module, shape: tuple[int, int, int], out: Path, *, inputs: 
     if precision not in PRECISIONS:
         raise UserError(f"`precision` must be one of {', '.join(PRECISIONS)}")
     proto = _export_fp32(model, shape)
-    with torch.no_grad():
-        reference = torch.cat([model(torch.from_numpy(inputs[i:i + 64])) for i in range(0, len(inputs), 64)]).numpy()
+    reference = torch_outputs(model, inputs)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         onnx.save(proto, str(fp32))
@@ -132,7 +157,7 @@ def export(model: nn.Module, shape: tuple[int, int, int], out: Path, *, inputs: 
         "file": str(out), "bytes": out.stat().st_size, "sha256": atomic.sha256_file(out), "precision": precision,
         "opset": max((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), default=None),
         "input": {"name": INPUT_NAME, "shape": ["batch", *shape], "dtype": "float32"},
-        "output": {"name": OUTPUT_NAME}, "checker": "onnx.checker full_check passed",
+        "output": {"name": graph.graph.output[0].name}, "outputs": [o.name for o in graph.graph.output], "checker": "onnx.checker full_check passed",
         "agreement": {**agreement.to_json(), "inputs_are": inputs_are},
         "ops": sorted({n.op_type for n in graph.graph.node}),
     }

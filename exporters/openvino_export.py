@@ -93,10 +93,11 @@ def applied_precision(compiled) -> str:
     return got.to_string() if hasattr(got, "to_string") else str(got)  # an ov.Type: "f32", "bf16", "f16"
 
 
-def infer(compiled, x: np.ndarray, batch: int = 64) -> np.ndarray:
+def infer(compiled, x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
+    """Every output of the compiled model on `x`, in the model's output order."""
     request = compiled.create_infer_request()
-    out = compiled.output(0)
-    return np.concatenate([np.array(request.infer({0: x[i:i + batch]})[out]) for i in range(0, len(x), batch)])
+    runs = [request.infer({0: x[i:i + batch]}) for i in range(0, len(x), batch)]
+    return [np.concatenate([np.array(r[out]) for r in runs]) for out in compiled.outputs]
 
 
 def convert(onnx_path: Path, out_dir: Path, precision: str, calib: np.ndarray | None = None) -> None:
@@ -152,7 +153,7 @@ def top1(compiled, batches) -> float:
     """Top-1 of a compiled model over (images, labels) batches."""
     right = total = 0
     for x, y in batches:
-        pred = infer(compiled, x.numpy()).argmax(1)
+        pred = infer(compiled, x.numpy())[0].argmax(1)
         right += int((pred == y.numpy()).sum())
         total += len(y)
     return right / max(total, 1)

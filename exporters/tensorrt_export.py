@@ -184,6 +184,6 @@ def engine_vs_onnx(engine_path: Path, onnx_path: Path, inputs: np.ndarray, max_b
     from .onnx_export import compare, ort_session, run_ort
 
     engine = load_engine(engine_path, version_compatible)
-    got = np.concatenate([run_engine(engine, inputs[i:i + max_batch]) for i in range(0, len(inputs), max_batch)])
+    got = [np.concatenate([run_engine(engine, inputs[i:i + max_batch]) for i in range(0, len(inputs), max_batch)])]
     ref = run_ort(ort_session(onnx_path), inputs)
-    return compare(ref, got).to_json()
+    return compare(ref, got).to_json()  # one output: multi-output models are refused before the build

@@ -69,7 +69,7 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
     shape = (spec.channels, spec.height, spec.width)
     table = LayerLatency(target.backend, target.device, target.batch, target.threads, target.cache_dir)
     parent = clone(lm.model).to(device).eval()
-    before = measure(parent, spec, ds, device)
+    before = measure(parent, spec, ds, device, lm.record.classifier)
     calib = ds.calibration(calib_size, cfg.seed) if ds is not None else None
     t0 = time.perf_counter()
     pruner, infos, scores = unit_scores(parent, spec, cfg, calib, device, reporter)
@@ -130,7 +130,7 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
                         f"closest child measured {got['median']:.2f}x [{got['ci_low']:.2f}, {got['ci_high']:.2f}] "
                         f"({best['check']['child_ms']:.4g} ms); ask for less, or lower `min_width_fraction`; nothing written")
     model = best["model"]
-    after = measure(model, spec, ds, device)
+    after = measure(model, spec, ds, device, lm.record.classifier)
     sp = best["check"]["speedup"]
     proof = {
         "backend": target.backend, "device": target.device, "batch": target.batch,

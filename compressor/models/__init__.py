@@ -1,6 +1,7 @@
 """Build a model by name: our CIFAR models first, then torchvision, then timm.
 
-`torchvision:NAME` or `timm:NAME` picks a library explicitly where a name exists in both.
+`torchvision:NAME` or `timm:NAME` picks a library explicitly where a name exists in both;
+`package.module:factory` is the user's own code (models/user_code.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..errors import UserError
+from . import user_code
 from .cifar_resnet import CifarResNet
 from .cifar_vgg import CifarVGG
 
@@ -41,24 +43,30 @@ OWN_INPUT_SIZE = 32
 class ArchSpec:
     """What model.json records to rebuild the architecture."""
 
-    source: str  # "compress" | "torchvision" | "timm"
+    source: str  # "compress" | "torchvision" | "timm" | "python" (the user's module:factory)
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    code: dict[str, Any] | None = None  # python: the module's file, SHA-256 and version when recorded
 
     def to_json(self) -> dict:
-        return {"source": self.source, "name": self.name, "kwargs": self.kwargs}
+        d = {"source": self.source, "name": self.name, "kwargs": self.kwargs}
+        if self.code is not None:
+            d["code"] = self.code
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "ArchSpec":
-        return cls(source=d["source"], name=d["name"], kwargs=dict(d.get("kwargs", {})))
+        return cls(source=d["source"], name=d["name"], kwargs=dict(d.get("kwargs", {})), code=d.get("code"))
 
 
 def resolve(name: str) -> tuple[str, str]:
     """Map a user-facing model name to (source, library name)."""
+    if user_code.is_factory_spec(name):
+        return user_code.SOURCE, name
     if ":" in name:
         source, _, bare = name.partition(":")
         if source not in ("compress", "torchvision", "timm"):
-            raise UserError(f"unknown model source '{source}' in '{name}' (use torchvision: or timm:)")
+            raise UserError(f"unknown model source '{source}' in '{name}' (use torchvision:NAME, timm:NAME, or package.module:factory for your own code)")
         _check_exists(source, bare)
         return source, bare
     if name in OWN_MODELS:
@@ -89,9 +97,14 @@ def _check_exists(source: str, name: str) -> None:
         raise UserError(f"unknown {source} model '{name}'")
 
 
-def build(spec: ArchSpec, num_classes: int, pretrained: bool = False) -> nn.Module:
-    """Instantiate the architecture (random init unless pretrained)."""
+def build(spec: ArchSpec, num_classes: int, pretrained: bool = False, named_by_user: bool = False) -> nn.Module:
+    """Instantiate the architecture (random init unless pretrained). The user's own factory is called with
+    its recorded keyword arguments only (`named_by_user`: named on this command line, not read from a file)."""
     kw = dict(spec.kwargs)
+    if spec.source == user_code.SOURCE:
+        if pretrained:
+            raise UserError("--pretrained loads a library's weights; for your own model give --checkpoint")
+        return user_code.build(spec.name, kw, spec.code, named_by_user=named_by_user)
     try:
         if spec.source == "compress":
             fn = OWN_MODELS.get(spec.name)

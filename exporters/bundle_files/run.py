@@ -70,8 +70,8 @@ class OnnxRuntimeModel:
                                "matching CUDA/cuDNN, or pass --device cpu")
         self.name = self.session.get_inputs()[0].name
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.name: x})[0].astype(np.float32)
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        return [o.astype(np.float32) for o in self.session.run(None, {self.name: x})]
 
 
 class OpenVINOModel:
@@ -84,9 +84,9 @@ class OpenVINOModel:
         self.compiled = ov.Core().compile_model(str(xml_path), device.upper(), {"INFERENCE_PRECISION_HINT": precision})
         self.request = self.compiled.create_infer_request()
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        out = self.compiled.output(0)
-        return np.concatenate([np.array(self.request.infer({0: x[i:i + 64]})[out]) for i in range(0, len(x), 64)]).astype(np.float32)
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        runs = [self.request.infer({0: x[i:i + 64]}) for i in range(0, len(x), 64)]
+        return [np.concatenate([np.array(r[out]) for r in runs]).astype(np.float32) for out in self.compiled.outputs]
 
 
 def _cudart():
@@ -159,8 +159,8 @@ class TensorRTModel:
             raise RuntimeError(f"CUDA error {err}")
         return result[1] if isinstance(result, tuple) and len(result) > 1 else None
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return np.concatenate([self._run(x[i:i + self.max_batch]) for i in range(0, len(x), self.max_batch)])
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        return [np.concatenate([self._run(x[i:i + self.max_batch]) for i in range(0, len(x), self.max_batch)])]
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         cudart = self.cudart
@@ -214,12 +214,27 @@ def classify(paths: list[Path], model, m: dict, top: int = 1, batch: int = 32) -
     results = []
     for i in range(0, len(paths), batch):
         chunk = paths[i:i + batch]
-        logits = model(np.stack([preprocess(p, m["preprocessing"]) for p in chunk]))
+        logits = model(np.stack([preprocess(p, m["preprocessing"]) for p in chunk]))[0]
         z = logits - logits.max(1, keepdims=True)
         prob = np.exp(z) / np.exp(z).sum(1, keepdims=True)
         for p, pr in zip(chunk, prob):
             order = np.argsort(-pr)[:top]
             results.append({"file": str(p), "top": [{"label": labels[k], "index": int(k), "p": float(pr[k])} for k in order]})
+    return results
+
+
+def outputs_of(paths: list[Path], model, m: dict, save: Path, batch: int = 32) -> list[dict]:
+    """A model that is not a classifier: every output of every image, saved as save/<image>.npz."""
+    names = m.get("outputs", {}).get("names") or [f"output{i}" for i in range(64)]
+    save.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i in range(0, len(paths), batch):
+        chunk = paths[i:i + batch]
+        outs = model(np.stack([preprocess(p, m["preprocessing"]) for p in chunk]))
+        for j, p in enumerate(chunk):
+            arrays = {names[k]: o[j] for k, o in enumerate(outs)}
+            np.savez(save / (p.stem + ".npz"), **arrays)
+            results.append({"file": str(p), "outputs": {k: list(v.shape) for k, v in arrays.items()}})
     return results
 
 
@@ -230,12 +245,18 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda", "gpu", "npu"], default=None, help="cuda: ONNX Runtime; gpu/npu: OpenVINO")
     ap.add_argument("--top", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print JSON")
+    ap.add_argument("--save", default="outputs", help="a model that is not a classifier: folder for one .npz per image")
     a = ap.parse_args(argv)
     m = manifest()
     paths = images_in(a.inputs)
     if not paths:
         print("error: no images found", file=sys.stderr)
         return 2
+    if not m.get("outputs", {}).get("classifier", True):
+        res = outputs_of(paths, load(HERE, a.runtime, a.device), m, Path(a.save))
+        for r in res:
+            print(json.dumps(r) if a.json else r["file"] + "\t" + ", ".join(f"{k} {v}" for k, v in r["outputs"].items()))
+        return 0
     res = classify(paths, load(HERE, a.runtime, a.device), m, a.top)
     if a.json:
         print(json.dumps(res, indent=1))
