@@ -132,6 +132,10 @@ def finetune(
         if created and world.main:  # a run that failed (diverged, bad data) leaves nothing worth resuming
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
+    except OSError:  # a full disk: keep a complete checkpoint to --resume from, else leave nothing
+        if created and world.main and not (out_dir / CHECKPOINT_DIR / "last.pt").is_file():
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     if not world.main:
         distributed.finish()
         return

@@ -6,17 +6,24 @@ Exit codes: 0 success; 1 a CI gate failed or an internal error; 2 bad input (not
 
 from __future__ import annotations
 
-import errno
-import re
-import shlex
-import signal
+import os
 import sys
-import traceback
 
-import typer
+from . import interrupts
 
-from compressor import provenance
-from compressor.errors import GateFailed, UserError
+if __name__ == "__main__" or os.path.basename(sys.argv[0] or "") == "compress":
+    interrupts.watch()  # before the heavy imports: Ctrl-C during them is handled too
+
+import errno  # noqa: E402
+import re  # noqa: E402
+import shlex  # noqa: E402
+import signal  # noqa: E402
+import traceback  # noqa: E402
+
+import typer  # noqa: E402
+
+from compressor import provenance  # noqa: E402
+from compressor.errors import GateFailed, UserError  # noqa: E402
 
 app = typer.Typer(
     name="compress", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -49,7 +56,19 @@ def _register() -> None:
     app.command("trust")(trust.trust)
 
 
-_register()
+_registered: list[bool] = []
+
+
+def _register_once() -> None:
+    if not _registered:  # the commands import torch & co.: done inside run(), where Ctrl-C is handled
+        _register()
+        _registered.append(True)
+
+
+def application() -> typer.Typer:
+    """The Typer app with every command registered (for tests and documentation tools)."""
+    _register_once()
+    return app
 
 
 def as_flags(msg: str) -> str:
@@ -66,10 +85,14 @@ def run(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
+        _register_once()
         with provenance.running(shlex.join(["compress", *args])):  # run records quote the command that made them
             rv = app(args=args, prog_name="compress", standalone_mode=False)
+        if rv == 130:  # a command that handled Ctrl-C itself (finetune: where to resume)
+            interrupts.reported.set()
         return rv if isinstance(rv, int) else 0
     except (typer.Abort, KeyboardInterrupt):
+        interrupts.reported.set()
         print("interrupted", file=sys.stderr)
         return 130
     except typer.TyperException as e:  # usage errors (Typer vendors click; its exceptions derive from this)
@@ -95,6 +118,18 @@ def run(argv: list[str] | None = None) -> int:
         _err(f"{reason}{where}")
         return 2
     except Exception as e:  # anything else is our bug: one line unless --debug
+        if interrupts.interrupted.is_set():  # Ctrl-C inside an import surfaces as ImportError('initialization failed') & co.
+            interrupts.reported.set()
+            print("interrupted", file=sys.stderr)
+            return 130
+        from compressor.atomic import disk_error
+
+        full = disk_error(e)
+        if full is not None:  # a writer that did not name its path still fails in one line
+            if debug:
+                traceback.print_exc()
+            _err(f"writing failed: {full.strerror}{f' ({full.filename})' if full.filename else ''}; nothing was finished")
+            return 1
         if debug:
             traceback.print_exc()
         else:
@@ -103,6 +138,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main() -> None:
+    interrupts.watch()
     if hasattr(signal, "SIGXFSZ"):  # a file-size limit then fails the write (EFBIG) instead of killing us
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     sys.exit(run())

@@ -26,22 +26,26 @@ def package(
     no_profile: Annotated[bool, typer.Option("--no-profile", help="Skip the build machine's latency record.")] = False,
     verify: Annotated[Optional[Path], typer.Option("--verify", help="Check a bundle without running its code: member list, checksums, schema, sample outputs (with this compress's own preprocessing and ONNX Runtime).")] = None,
     expect_sha256: Annotated[Optional[str], typer.Option("--expect-sha256", help="--verify: the archive's SHA-256 as printed by `compress package`, obtained from its author out of band (the manifest inside authenticates nothing).")] = None,
+    allow_custom_runner: Annotated[bool, typer.Option("--allow-custom-runner", help="--verify: accept a run.py that differs from the one this compress version writes (a runner you customised); the output says so. Without it such a bundle fails verification.")] = False,
     overwrite: c.Overwrite = False,
 ):
     """Write a self-contained deployment bundle, or --verify one."""
     if verify is not None:
         if directory is not None:
             raise UserError("--verify takes a bundle file, not a model directory")
-        r = verify_bundle(verify, expect_sha256)
+        r = verify_bundle(verify, expect_sha256, allow_custom_runner)
         extra = f"; {r['samples']} sample outputs match (max |diff| {r['max_abs_diff']:.2g})" if r["samples"] else ""
         console_out.print(f"bundle OK: {r['files']} files match their SHA-256{extra}; target {r['target']}")
         if expect_sha256 is None:
             console_out.print("note: without --expect-sha256 this shows the bundle is consistent, not who made it")
-        if not r["run_py_is_ours"]:
-            console_out.print("note: its run.py differs from this compress version's; it was not run; read it before you do")
+        if r["custom_runner"]:
+            cr = r["custom_runner"]
+            console_out.print(f"CUSTOM RUNNER accepted (--allow-custom-runner): run.py differs from this compress version's "
+                              f"(+{cr['added_lines']}/-{cr['removed_lines']} lines, sha256 {cr['sha256']}); it was not run "
+                              "and is not verified: read it before you deploy")
         return
-    if expect_sha256 is not None:
-        raise UserError("--expect-sha256 goes with --verify BUNDLE")
+    if expect_sha256 is not None or allow_custom_runner:
+        raise UserError("--expect-sha256 and --allow-custom-runner go with --verify BUNDLE")
     if directory is None or out is None:
         raise UserError("give a model DIRECTORY and --out bundle.tar.gz (or --verify BUNDLE)")
     atomic.check_output_path(out, overwrite, kind="file")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -48,6 +49,7 @@ def profile(
     gate_batch_sizes: Annotated[Optional[str], typer.Option(help="Apply --assert-speedup/--assert-realised/--max-latency-ms at these batch sizes only (a small CNN on a big GPU is launch-bound at batch 1).")] = None,
     against: Annotated[Optional[Path], typer.Option(help="A previous profile JSON: fail on latency regressions.")] = None,
     max_regression: Annotated[str, typer.Option(help="Allowed p50 latency regression against --against, e.g. 10% or 0.1.")] = "10%",
+    allow_busy: Annotated[bool, typer.Option("--allow-busy", help="Let gates pass on numbers measured while the machine was busy (load above 1.5x the usable CPUs, or a target's rounds spreading 2x); recorded in the JSON. Without it such a profile is marked unreliable and its gates fail.")] = False,
     overwrite: c.Overwrite = False,
     quiet: c.Quiet = False,
     config: c.Config = None,
@@ -59,7 +61,7 @@ def profile(
                         threads=threads, rounds=rounds, warmup=warmup, min_iters=min_iters, min_time_s=min_time, energy=energy,
                         energy_window_s=energy_window, idle_s=idle_window, energy_estimate_w=energy_estimate,
                         include_transfers=include_transfers, cuda_graphs=cuda_graphs, ort_provider=ort_provider, breakdown=breakdown,
-                        ov_device=ov_device, inference_precision=inference_precision)
+                        ov_device=ov_device, inference_precision=inference_precision, allow_busy=allow_busy)
     settings.validate()
     g = gates_mod.Gates(assert_speedup, assert_realised, max_latency_ms, against, gates_mod.parse_tolerance(max_regression),
                         None if gate_batch_sizes is None else tuple(c.csv_list(gate_batch_sizes, int, "--gate-batch-sizes")))
@@ -88,6 +90,14 @@ def profile(
         resolved.append(reference(name, like))
     doc = run(resolved, base, settings, c.reporter(quiet))
     failures = gates_mod.check(doc, g) if g.active() else []
+    check = doc.machine_check
+    if not check.get("quiet", True):
+        reporter_line = (f"warning: UNRELIABLE measurement: the machine was busy while timing ({'; '.join(check['reasons'])}); "
+                         + ("--allow-busy given, recorded in the JSON" if allow_busy else "every figure is marked unreliable"))
+        print(reporter_line, file=sys.stderr)
+        if g.active() and not allow_busy and not failures:
+            failures = [f"the machine was busy while timing ({check['reasons'][0]}): the gates' numbers are unreliable; "
+                        "run on a quiet machine, or pass --allow-busy to accept them"]
     doc.gates = [{"failure": f} for f in failures]
     data = doc.to_json()
     md = report.markdown(data)

@@ -64,6 +64,7 @@ def prune(
     latency_iterations: Annotated[int, _lat("plan, prune and measure attempts; each corrects the budget by what the last ones measured.")] = 5,
     min_width_fraction: Annotated[float, _lat("every layer keeps at least this share of its channels.")] = 0.2,
     threads: Annotated[Optional[int], _lat("CPU threads for every latency measurement (default: the runtime's).")] = None,
+    allow_busy: Annotated[bool, _lat("write the child even when the machine was busy while measuring (load above 1.5x the usable CPUs, rounds spreading 2x, or the parent's latency drifting 2x); recorded in model.json. Without it such a run is refused.")] = False,
     ignore_layers: c.IgnoreLayers = None,
     checkpoint: c.Checkpoint = None, pretrained: c.Pretrained = False, trust_pickle: c.TrustPickle = False,
     model_arg: c.ModelArg = None, input_size: c.InputSize = None, input_channels: c.InputChannels = None, num_classes: c.NumClasses = None,
@@ -95,7 +96,8 @@ def prune(
         if threads is not None and threads < 1:
             raise UserError("--threads must be >= 1")
         target = LatencyTarget(target_speedup, target_latency_ms, latency_backend, latency_device, latency_batch, threads,
-                               latency_cache or default_cache_dir(), latency_rounds, latency_iterations, min_width_fraction)
+                               latency_cache or default_cache_dir(), latency_rounds, latency_iterations, min_width_fraction,
+                               allow_busy)
     _check_common(out_dir, overwrite, calib_size)
     validate(cfg)
     if target is not None and cfg.layer_sparsity:
@@ -312,6 +314,10 @@ def _latency_aware(lm, ds, cfg, target: LatencyTarget, calib_size, dev, rep, set
               f"vs parent {p['measured_parent_ms']:.4g} ms: speedup {p['measured_speedup']:.2f}x "
               f"[{p['speedup_ci'][0]:.2f}, {p['speedup_ci'][1]:.2f}] ({100 * p['ci_confidence']:.0f}% CI, {p['rounds']} rounds); "
               f"prediction error {100 * p['prediction_error']:+.1f}%")
+    m = p.get("machine") or {}
+    if not m.get("quiet", True):
+        out.print(f"warning: UNRELIABLE: the machine was busy while measuring ({'; '.join(m['reasons'])}); written because "
+                  "--allow-busy was given (recorded in model.json)", style="bold red")
     if summary.heads:
         out.print("attention heads per block: " + ", ".join(f"{v[0]} -> {v[1]}" for v in summary.heads.values()))
     if summary.slower:

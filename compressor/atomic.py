@@ -6,6 +6,7 @@ A crash or a kill leaves either the old file/directory or the new one, never a h
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -109,6 +110,39 @@ def json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+# A full or size-limited disk as libraries report it: safetensors, torch.save, ONNX and OpenVINO wrap the
+# OS error in their own exception types, so it is recognised by its words as well as by errno.
+DISK_FULL = ((errno.ENOSPC, "no space left on device"), (errno.EFBIG, "file too large"), (errno.EDQUOT, "disk quota exceeded"))
+
+
+def disk_error(e: BaseException, path: str | os.PathLike | None = None) -> OSError | None:
+    """The OSError (with errno and the path) behind `e` when it is a full or size-limited disk, else None."""
+    if isinstance(e, OSError) and e.errno in {code for code, _ in DISK_FULL}:
+        return OSError(e.errno, e.strerror or os.strerror(e.errno), e.filename or (None if path is None else str(path)))
+    text = str(e).lower()
+    for code, words in DISK_FULL:
+        if words in text:
+            return OSError(code, os.strerror(code), None if path is None else str(path))
+    if "failed writing file" in text or "unexpected pos" in text:  # torch's stream writer, with no errno
+        return OSError(errno.EIO, "write failed (full disk or file-size limit)", None if path is None else str(path))
+    return None
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Every writer goes through here: a full disk becomes one OSError naming `path` (the output the user
+    asked for), and the intermediate file that failed where that is another one."""
+    try:
+        yield
+    except Exception as e:
+        err = disk_error(e, path)
+        if err is None:
+            raise
+        inner = str(err.filename or "").rpartition(", while writing ")[2]
+        where = str(path) if inner in ("", str(path)) else f"{path}, while writing {inner}"
+        raise OSError(err.errno, err.strerror, where) from None
+
+
 @contextlib.contextmanager
 def temp_path_for(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path next to `path`; on success rename it onto `path`."""
@@ -119,7 +153,8 @@ def temp_path_for(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        with writing(path):
+            yield tmp_path
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
         made = []
@@ -181,8 +216,9 @@ def staged_dir(path: str | os.PathLike) -> Iterator[Path]:
     sweep_stale(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_prefix(path), suffix=".tmp"))
     try:
-        yield tmp
-        replace_dir(tmp, path)
+        with writing(path):
+            yield tmp
+            replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_made(made)  # parents made for an output that never came

@@ -141,6 +141,11 @@ def _derived(module: nn.Module, attr: str) -> bool:
     return isinstance(prop, property) and prop.fset is None
 
 
+def _plain(v) -> bool:
+    return isinstance(v, (int, float, tuple, list)) and not isinstance(v, bool) and all(
+        isinstance(x, (int, float)) for x in (v if isinstance(v, (tuple, list)) else [v]))
+
+
 def structure_diff(model: nn.Module, reference: nn.Module) -> dict[str, dict]:
     """Modules of `model` whose tracked attributes or tensor shapes differ from `reference`."""
     ref = dict(reference.named_modules())
@@ -153,10 +158,11 @@ def structure_diff(model: nn.Module, reference: nn.Module) -> dict[str, dict]:
         for a in TRACKED_ATTRS:
             if _derived(m, a):
                 continue
-            if hasattr(m, a) and hasattr(r, a) and getattr(m, a) != getattr(r, a):
-                v = getattr(m, a)
-                if isinstance(v, (int, float, tuple, list)):
-                    attrs[a] = _json_attr(v)
+            # Only constructor values: a module may hold a tensor under a tracked name (PoolFormer's
+            # LayerScale `scale`), which is a parameter and recorded with the tensors.
+            v, was = getattr(m, a, None), getattr(r, a, None)
+            if _plain(v) and _plain(was) and v != was:
+                attrs[a] = _json_attr(v)
         rt = _module_tensors(r)
         tensors = {k: list(v.shape) for k, v in _module_tensors(m).items() if k in rt and rt[k].shape != v.shape}
         if attrs or tensors:
@@ -251,7 +257,11 @@ def write_model_files(directory: str | os.PathLike, model: nn.Module, record: Mo
     directory.mkdir(parents=True, exist_ok=True)
     fresh = build(record.arch, record.num_classes)
     remove_blocks(fresh, record.removed_blocks)
-    record.changed_modules = structure_diff(model, fresh)
+    try:  # the one guard around recording a pruned graph: an architecture we cannot record is refused
+        record.changed_modules = structure_diff(model, fresh)
+    except Exception as e:
+        raise UserError(f"cannot record the pruned structure of {type(model).__name__} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160] if str(e) else ''}); nothing written") from None
     del fresh
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     with atomic.temp_path_for(directory / WEIGHTS) as tmp:

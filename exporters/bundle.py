@@ -89,6 +89,12 @@ def build(lm: LoadedModel, target: str, out: Path, precision: str = "fp32", samp
     runtime, requirements = str(t["runtime"]), list(t["requirements"])
     if runtime == "tensorrt":
         single_output(lm, f"the {target} bundle")
+    with atomic.writing(out):
+        return _build(lm, target, out, precision, samples, profile, t, runtime, requirements)
+
+
+def _build(lm: LoadedModel, target: str, out: Path, precision: str, samples: int, profile, t: dict, runtime: str,
+           requirements: list[str]) -> dict:
     ds = dataset_for(None, None, None, None, False, lm.record)
     spec = lm.record.input
     files: dict[str, bytes] = {}
@@ -211,7 +217,7 @@ def digests(bundle: Path) -> dict[str, str]:
     return {"archive_sha256": atomic.sha256_file(bundle), "manifest_sha256": atomic.sha256_bytes(manifest)}
 
 
-def verify(bundle: Path, expect_sha256: str | None = None) -> dict:
+def verify(bundle: Path, expect_sha256: str | None = None, allow_custom_runner: bool = False) -> dict:
     """Digest, member list, checksums, schema, and the bundled model's outputs on the sample images,
     computed with this package's own preprocessing and ONNX Runtime: nothing from the bundle is executed.
     Raises GateFailed."""
@@ -231,12 +237,43 @@ def verify(bundle: Path, expect_sha256: str | None = None) -> dict:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise GateFailed(f"manifest.json is not valid JSON: {e}") from None
         try:
-            return _verify_contents(root, m)
+            return _verify_contents(root, m, allow_custom_runner)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
             raise GateFailed(f"manifest.json has a malformed field ({type(e).__name__}: {str(e)[:120]})") from None
 
 
-def _verify_contents(root: Path, m: dict) -> dict:
+def runner_check(root: Path, allow_custom: bool) -> dict | None:
+    """run.py is what the device executes: it must compile, and be byte-for-byte the one this version writes
+    unless the user accepts a customised runner (then the difference is reported). Never executed here."""
+    import difflib
+
+    path = root / "run.py"
+    if not path.is_file():
+        raise GateFailed("the bundle has no run.py")
+    source = path.read_bytes()
+    try:
+        compile(source, "bundle/run.py", "exec")  # parses only; nothing runs
+    except (SyntaxError, ValueError) as e:
+        where = f" (line {e.lineno}: {e.msg})" if isinstance(e, SyntaxError) else ""
+        raise GateFailed(f"bundle/run.py does not compile{where}: the bundle cannot run") from None
+    ours = RUN_PY.read_bytes()
+    if source == ours:
+        return None
+    diff = list(difflib.unified_diff(ours.decode(errors="replace").splitlines(), source.decode(errors="replace").splitlines(), lineterm="", n=0))
+    added = sum(1 for ln in diff if ln.startswith("+") and not ln.startswith("+++"))
+    removed = sum(1 for ln in diff if ln.startswith("-") and not ln.startswith("---"))
+    first = next((ln for ln in diff if ln.startswith("@@")), "")
+    digest, our_digest = atomic.sha256_bytes(source), atomic.sha256_bytes(ours)
+    what: dict[str, object] = {"sha256": digest, "ours_sha256": our_digest, "added_lines": added, "removed_lines": removed,
+                               "first_hunk": first}
+    if not allow_custom:
+        raise GateFailed(f"bundle/run.py differs from the runner this compress version writes (+{added}/-{removed} lines, "
+                         f"first at {first or '?'}; sha256 {digest[:16]}..., ours {our_digest[:16]}...): the code "
+                         "the device would run is not verified; pass --allow-custom-runner only for a runner you customised")
+    return what
+
+
+def _verify_contents(root: Path, m: dict, allow_custom_runner: bool = False) -> dict:
     missing = [k for k in REQUIRED if k not in m] if isinstance(m, dict) else list(REQUIRED)
     if not isinstance(m, dict) or m.get("schema") != SCHEMA or missing:
         raise GateFailed(f"manifest.json does not follow {SCHEMA}" + (f" (missing {', '.join(missing)})" if missing else ""))
@@ -255,8 +292,8 @@ def _verify_contents(root: Path, m: dict) -> dict:
     if model_file not in listed:
         raise GateFailed(f"manifest.json names model file {model_file!r}, which the manifest does not list")
     samples = list(m["samples"]["files"])
-    result: dict = {"files": len(listed), "samples": len(samples),
-              "run_py_is_ours": "run.py" in listed and atomic.sha256_file(root / "run.py") == atomic.sha256_file(RUN_PY)}
+    custom = runner_check(root, allow_custom_runner)
+    result: dict = {"files": len(listed), "samples": len(samples), "run_py_is_ours": custom is None, "custom_runner": custom}
     if samples:
         if not set(samples) <= listed:
             raise GateFailed("manifest.json lists sample images that are not bundle files")

@@ -111,11 +111,19 @@ def export_openvino(lm: LoadedModel, out: Path, precision: str = "fp32", data: s
                     accuracy_size: int = 2000) -> dict:
     """An OpenVINO IR directory (model.xml, model.bin, model.xml.json) converted from the checked ONNX
     graph; int8 through NNCF with top-1 before and after on the test split."""
+    from . import openvino_export as ovx
+
+    ovx.require_openvino()  # fail before any work, with what to install
+    with atomic.writing(out):
+        return _export_openvino(lm, out, precision, data, tolerance, calib_size, check_size, accuracy_size)
+
+
+def _export_openvino(lm: LoadedModel, out: Path, precision: str, data: str | None, tolerance: float | None,
+                     calib_size: int, check_size: int, accuracy_size: int) -> dict:
     from compressor.data import Batches
 
     from . import openvino_export as ovx
 
-    ovx.require_openvino()  # fail before any work, with what to install
     ds = dataset_for(data, None, None, None, False, lm.record)
     inputs, what = check_inputs(lm, ds, check_size)
     calib = calibration(lm, ds, calib_size) if precision == "int8" else None

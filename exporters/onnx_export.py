@@ -129,7 +129,7 @@ def export(model: nn.Module, shape: tuple[int, int, int], out: Path, *, inputs: 
         raise UserError(f"`precision` must be one of {', '.join(PRECISIONS)}")
     proto = _export_fp32(model, shape)
     reference = torch_outputs(model, inputs)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp, atomic.writing(out):
         fp32 = Path(tmp) / "fp32.onnx"
         onnx.save(proto, str(fp32))
         final = fp32

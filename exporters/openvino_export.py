@@ -129,7 +129,7 @@ def _quantize(model, calib: np.ndarray, batch: int = 32):
                          advanced_parameters=AdvancedQuantizationParameters(disable_bias_correction=True))
 
 
-def write_ir(onnx_path: Path, out_dir: Path, *, precision: str, reference: np.ndarray, inputs: np.ndarray, within,
+def write_ir(onnx_path: Path, out_dir: Path, *, precision: str, reference: list[np.ndarray], inputs: np.ndarray, within,
              calib: np.ndarray | None = None) -> dict:
     """Convert the checked ONNX at `onnx_path` into `out_dir` (the caller's staging directory), then compare
     the IR in f32 with the PyTorch `reference` outputs on `inputs`; `within(agreement)` returns None or the

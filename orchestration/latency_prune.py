@@ -27,6 +27,7 @@ from compressor.progress import QUIET, Reporter
 from compressor.pruning import WidthConfig, attention_heads, layer_groups, prune_to_widths, unit_scores
 from compressor.workflows import PruneResult, measure
 from profilers.layer_latency import LayerLatency, op_shapes
+from profilers import quiet
 from profilers.paired import model_runner, paired
 
 
@@ -42,6 +43,7 @@ class LatencyTarget:
     rounds: int = 9
     iterations: int = 5  # plan -> prune -> measure attempts (a miss either way is corrected by the next)
     min_fraction: float = 0.2  # every group keeps at least this share of its units
+    allow_busy: bool = False  # write the child even when the machine was busy while measuring (recorded)
 
     def validate(self) -> None:
         if (self.speedup is None) == (self.latency_ms is None):
@@ -59,7 +61,8 @@ class LatencyTarget:
 
     def to_json(self) -> dict:
         return {"target_speedup": self.speedup, "target_latency_ms": self.latency_ms, "latency_backend": self.backend,
-                "latency_device": self.device, "latency_batch": self.batch, "threads": self.threads}
+                "latency_device": self.device, "latency_batch": self.batch, "threads": self.threads,
+                **({"allow_busy": True} if self.allow_busy else {})}
 
 
 def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target: LatencyTarget, calib_size: int,
@@ -68,6 +71,9 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
     spec = lm.record.input
     shape = (spec.channels, spec.height, spec.width)
     table = LayerLatency(target.backend, target.device, target.batch, target.threads, target.cache_dir)
+    machine = quiet.MachineCheck(target.allow_busy)
+    machine.sample_load("before")
+    _refuse_if_busy(machine, target)  # before minutes of work on a machine already too busy to measure
     parent = clone(lm.model).to(device).eval()
     before = measure(parent, spec, ds, device, lm.record.classifier)
     calib = ds.calibration(calib_size, cfg.seed) if ds is not None else None
@@ -106,6 +112,9 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
             with reporter.task(f"measuring parent vs child, attempt {attempt + 1}", None):
                 check = paired(parent_runner, runner, rounds=target.rounds)
             runner.close()
+            machine.rounds("the parent", check["parent_rounds"])
+            machine.rounds("the child", check["child_rounds"])
+            machine.drift("the parent", parent_ms, check["parent_ms"])
             # A speedup target is judged by the paired speedup (the parent's own latency drifts between
             # measurements); a latency target by the child's latency.
             eff = parent_ms / check["speedup"]["median"] if target.speedup else check["child_ms"]
@@ -123,6 +132,8 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
         parent_runner.close()
     table_s = time.perf_counter() - t0
     assert best is not None  # at least one attempt ran (validate(): iterations >= 1)
+    machine.sample_load("after")
+    _refuse_if_busy(machine, target)
     if best["effective_ms"] > 1.1 * goal_ms:
         what = (f"{target.speedup:g}x" if target.speedup else f"{target.latency_ms:g} ms")
         got = best["check"]["speedup"]
@@ -147,6 +158,7 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
         "table": {"entries_measured": table.measured, "cache_hits": table.hits, "measure_s": round(table.measure_s, 2),
                   "cache": None if table.path is None else str(table.path)},
         "widths": {g.name: [g.n, best["widths"][g.name]] for g in groups},
+        "machine": machine.to_json(),
     }
     slow = sp["ci_high"] < 1.0
     if slow:
@@ -163,6 +175,13 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
                                 {"before": before, "after": after, "prune_s": res.prune_s, "latency": proof},
                                 cfg.seed))
     return model, rec, res
+
+
+def _refuse_if_busy(machine: quiet.MachineCheck, target: LatencyTarget) -> None:
+    if not machine.quiet and not target.allow_busy:
+        raise UserError(f"the machine was busy while measuring ({machine.summary()}): a speedup measured now cannot be "
+                        "trusted, so no target is called reached and nothing is written; rerun on a quiet machine, or "
+                        "pass `allow_busy` to write the child anyway (recorded in model.json)")
 
 
 def _next_budget(tries: list[dict], goal_ms: float) -> float:

@@ -22,6 +22,7 @@ from compressor.modeldir import LoadedModel, load_model_dir, write_model_files
 from compressor.models import clone
 from compressor.progress import QUIET, Reporter
 from compressor.workflows import PruneResult, finetune, width_prune
+from profilers import quiet
 from profilers.paired import model_runner, paired
 
 from .compare import CompareConfig, existing_grid, finished_cells, skeleton
@@ -68,7 +69,7 @@ def run(lm: LoadedModel, ds: Dataset, cfg: CompareConfig, latency: LatencyTarget
 def _latency_cell(parent, ds, cfg, latency, metric, target, out, device, reporter) -> dict:
     name = cell_names(metric, target)[0]
     want = LatencyTarget(target, None, latency.backend, latency.device, latency.batch, latency.threads, latency.cache_dir,
-                         latency.rounds, latency.iterations, latency.min_fraction)
+                         latency.rounds, latency.iterations, latency.min_fraction, latency.allow_busy)
     reporter.log(f"cell {name}: latency-aware prune for {target:g}x")
     try:
         child, rec, summary = latency_prune(parent, ds, cfg.width(metric, 0.5), want, cfg.calib_size, device, reporter,
@@ -151,6 +152,10 @@ def _finish(parent, ds, cfg, latency, out, name, child, rec, summary: PruneResul
         check = paired(base, runner, rounds=latency.rounds)
         base.close()
         runner.close()
+    machine = quiet.MachineCheck(latency.allow_busy)
+    machine.rounds("the parent", check["parent_rounds"])
+    machine.rounds("the child", check["child_rounds"])
+    machine.sample_load("after")
     b, a = summary.before, summary.after
     cell = {"name": name, "dir": f"cells/{name}", **extra, "params": a["params"], "macs": a["macs"],
             "parent_params": b["params"], "parent_macs": b["macs"], "flops_reduction": 1 - a["macs"] / b["macs"],
@@ -158,7 +163,8 @@ def _finish(parent, ds, cfg, latency, out, name, child, rec, summary: PruneResul
             "top5_after_ft": frec.metrics.get("top5"), "finetune_s": round(result.wall_s, 2),
             "finetune_epochs": len(result.history),
             "speedup": {"backend": latency.backend, "batch": latency.batch, **{k: check["speedup"][k] for k in
-                                                                              ("median", "ci_low", "ci_high", "significant")}}}
+                                                                              ("median", "ci_low", "ci_high", "significant")},
+                        "machine": machine.to_json()}}
     _write_cell(out, name, cell)
     return cell
 

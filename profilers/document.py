@@ -95,6 +95,7 @@ class ProfileDocument:
     breakdown: list[dict[str, Any]] = field(default_factory=list)
     flags: list[dict[str, Any]] = field(default_factory=list)  # narrow layers per target
     gates: list[dict[str, str]] = field(default_factory=list)  # {"failure": line}, set by the command
+    machine_check: dict[str, Any] = field(default_factory=dict)  # profilers.quiet.MachineCheck.to_json()
     schema: str = SCHEMA
 
     def row(self, target: str, backend: str | None = None, batch_size: int | None = None) -> ResultRow:

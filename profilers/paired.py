@@ -41,7 +41,8 @@ def paired(base: Runner, child: Runner, rounds: int = 9, warmup: int = 5, min_it
         w = warmup if i == 0 else 2
         b.append(float(np.median(measure(base, w, min_iters, min_time_s))))
         c.append(float(np.median(measure(child, w, min_iters, min_time_s))))
-    return {"parent_ms": float(np.median(b)), "child_ms": float(np.median(c)), "speedup": stats.paired_speedup(b, c)}
+    return {"parent_ms": float(np.median(b)), "child_ms": float(np.median(c)), "speedup": stats.paired_speedup(b, c),
+            "parent_rounds": b, "child_rounds": c}
 
 
 def latency_record(model_file: Path, runtime: str = "onnxruntime") -> dict:

@@ -50,6 +50,10 @@ def markdown(doc: dict) -> str:
     from .sysinfo import one_line
 
     lines = [f"## Profile on {one_line(doc['machine'])}", ""]
+    check = doc.get("machine_check") or {}
+    if check and not check.get("quiet", True):
+        lines += [f"**UNRELIABLE: the machine was busy while timing ({'; '.join(check['reasons'])}). Every latency, "
+                  "throughput and speedup below may be distorted; measure again on a quiet machine.**", ""]
     rows = table_rows(doc)
     keys = sorted({(r["backend"], r["device"], r["batch_size"]) for r in rows}, key=lambda k: (k[0], k[1], k[2]))
     for backend, device, batch in keys:
@@ -108,7 +112,11 @@ def csv_text(doc: dict) -> str:
 
 def plots(doc: dict, out_dir: Path) -> list[Path]:
     """speedup_vs_flops.png (measured vs FLOPs speedup with the ideal diagonal) and latency_vs_batch.png."""
+    import logging
+
     import matplotlib
+
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)  # its font-cache notes would break one-line errors
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -159,10 +167,11 @@ def _save(fig, path: Path) -> None:
 
 
 def write_all(doc: dict, out_dir: Path) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(out_dir / "profile.json", doc)
-    atomic.write_text(out_dir / "profile.md", markdown(doc))
-    atomic.write_text(out_dir / "profile.csv", csv_text(doc))
-    pngs = plots(doc, out_dir)
+    """The report directory, whole or not at all."""
+    with atomic.staged_dir(out_dir) as stage:
+        atomic.write_json(stage / "profile.json", doc)
+        atomic.write_text(stage / "profile.md", markdown(doc))
+        atomic.write_text(stage / "profile.csv", csv_text(doc))
+        pngs = [out_dir / p.name for p in plots(doc, stage)]
     return {"json": out_dir / "profile.json", "md": out_dir / "profile.md", "csv": out_dir / "profile.csv",
             **{p.stem: p for p in pngs}}

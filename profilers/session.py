@@ -19,7 +19,7 @@ from compressor import provenance
 from compressor.errors import UserError
 from compressor.progress import QUIET, Reporter
 
-from . import energy, memory, stats, sysinfo
+from . import energy, memory, quiet, stats, sysinfo
 from .breakdown import top_ops
 from .document import SCHEMA, Latency, Memory, ProfileDocument, ResultRow, Skipped, Speedup
 from .runners import BACKENDS, OrtRunner, OvRunner, Runner, TorchRunner, TrtRunner, measure
@@ -49,6 +49,7 @@ class Settings:
     ov_device: str = "cpu"  # OpenVINO's device (cpu, gpu, npu): its own, not CUDA's
     inference_precision: str = "f32"  # OpenVINO: pinned, or its CPU plugin picks bf16 where the CPU has it
     breakdown: bool = False
+    allow_busy: bool = False  # gates on a busy machine's numbers: proceed anyway (recorded)
 
     def validate(self) -> None:
         bad = [b for b in self.backends if b not in BACKENDS]
@@ -110,6 +111,8 @@ def run(targets: list[Target], baseline: Target | None, s: Settings, reporter: R
     counter, counter_reason = (None, "energy measurement disabled (--no-energy)")
     if s.energy and s.energy_estimate_w is None:
         counter, counter_reason = energy.detect(s.device, torch.cuda.current_device() if s.device == "cuda" and torch.cuda.is_available() else 0)
+    check = quiet.MachineCheck(s.allow_busy)
+    check.sample_load("before")
     workdir = Path(tempfile.mkdtemp(prefix="compress-profile-"))
     try:
         _prepare(everyone, s, workdir)
@@ -121,6 +124,10 @@ def run(targets: list[Target], baseline: Target | None, s: Settings, reporter: R
                 raise UserError(f"the baseline {baseline.name} cannot run on {backend}")
             for batch in s.batch_sizes:
                 doc.results += _one(live, baseline, backend, batch, s, counter, counter_reason, workdir, reporter, doc)
+                for row in doc.results[-len(live):]:
+                    check.rounds(f"{row.target} ({backend}, batch {batch})", row.round_medians_ms)
+        check.sample_load("after")
+        doc.machine_check = check.to_json()
     finally:
         if counter is not None:
             counter.close()

@@ -32,6 +32,15 @@ class CLI:
         return code, out, err
 
 
+@pytest.fixture(autouse=True)
+def _load_average_pinned(monkeypatch):
+    """Tests that time for real judge the code, not how loaded the test machine is: the load-average source
+    of the quiet-machine check is pinned (tests/test_quiet.py sets its own)."""
+    from profilers import quiet
+
+    monkeypatch.setattr(quiet, "load_average", lambda: 0.0)
+
+
 @pytest.fixture
 def cli(capsys):
     return CLI(capsys)

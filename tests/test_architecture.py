@@ -41,7 +41,9 @@ def test_cli_functions_stay_short():
 def test_width_prune_help_shows_no_block_or_auto_options():
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from cli.main import application
+
+    app = application()
 
     text = CliRunner().invoke(app, ["prune", "--help"], env={"COLUMNS": "200"}).output
     assert "--sparsity" in text and "--target-speedup" in text

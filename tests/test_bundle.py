@@ -89,9 +89,23 @@ def test_verify_never_runs_the_bundles_code(cli, bundle, tmp_path):
 
     bad = tmp_path / "replaced.tar.gz"
     _rewrite(bundle, bad, change)
-    _, out, _ = cli("package", "--verify", bad)
+    _, _, err = cli("package", "--verify", bad, expect=1)  # a replaced runner under a re-hashed manifest
     assert not marker.exists(), "verification executed the bundle's run.py"
-    assert "differs from this compress version's" in out and "not who made it" in out
+    assert "run.py differs from the runner this compress version writes (+1/-0 lines" in err and len(err.strip().splitlines()) == 1
+    _, out, _ = cli("package", "--verify", bad, "--allow-custom-runner")  # opted in: accepted, and said loudly
+    assert not marker.exists() and "CUSTOM RUNNER accepted (--allow-custom-runner)" in out and "not who made it" in out
+
+
+def test_verify_refuses_a_runner_that_does_not_compile(cli, bundle, tmp_path):
+    def change(files):
+        files["bundle/run.py"] += b"\ndef broken(:\n"
+        _manifest_rehashed(files)
+
+    bad = tmp_path / "syntax.tar.gz"
+    _rewrite(bundle, bad, change)
+    for extra in ([], ["--allow-custom-runner"]):
+        _, _, err = cli("package", "--verify", bad, *extra, expect=1)
+        assert "run.py does not compile (line" in err
 
 
 def test_member_outside_bundle_dir_is_refused(cli, bundle, tmp_path):

@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _commands() -> dict:
-    from cli.main import app
+    from cli.main import application
+
+    app = application()
 
     root = typer.main.get_command(app)
     out = {}

@@ -34,6 +34,7 @@ ZOO = [
     ("timm:vit_tiny_patch16_224", 32, ["depth=2"]),
     ("timm:swin_tiny_patch4_window7_224", 64, ["depths=[2,2,2,2]"]),
     ("timm:levit_128s", 64, []),
+    ("timm:poolformer_s12", 32, []),  # a LayerScale parameter named `scale` (a tracked name)
     ("torchvision:resnet18", 32, []),
     ("torchvision:vgg11_bn", 32, []),
     ("vgg16_bn_cifar", 32, []),
@@ -84,3 +85,28 @@ def test_zoo_prunes_reloads_and_exports(cli, tmp_path, name, size, args):
         cli("export", out, "--format", "onnx", "--out", tmp_path / "m.onnx", "--data", "fake")
         side = json.loads((tmp_path / "m.onnx.json").read_text())
         assert side["agreement"]["top1_agreement"] == 1.0
+
+
+def test_a_tensor_under_a_tracked_attribute_name_is_recorded_as_a_tensor(tmp_path):
+    """The class of failure behind PoolFormer's crash: a module holding a Parameter under a name that is
+    also a constructor attribute elsewhere (`scale`, `num_features`...). The directory records it with the
+    tensors, and reloads."""
+    import torch.nn as nn
+
+    from compressor.modeldir import structure_diff
+
+    class Scaled(nn.Module):
+        def __init__(self, c=8):
+            super().__init__()
+            self.conv = nn.Conv2d(3, c, 3)
+            self.scale = nn.Parameter(torch.ones(c, 1, 1))
+
+        def forward(self, x):
+            return self.conv(x) * self.scale
+
+    a, b = Scaled(8), Scaled(8)
+    b.conv = nn.Conv2d(3, 4, 3)
+    b.scale = nn.Parameter(torch.ones(4, 1, 1))
+    changed = structure_diff(b, a)
+    assert changed[""]["tensors"] == {"scale": [4, 1, 1]} and "scale" not in changed[""]["attrs"]
+

@@ -103,7 +103,7 @@ def build(spec: ArchSpec, num_classes: int, pretrained: bool = False, named_by_u
     kw = dict(spec.kwargs)
     if spec.source == user_code.SOURCE:
         if pretrained:
-            raise UserError("--pretrained loads a library's weights; for your own model give --checkpoint")
+            raise UserError("`pretrained` loads a library's weights; for your own model give `checkpoint`")
         return user_code.build(spec.name, kw, spec.code, named_by_user=named_by_user)
     try:
         if spec.source == "compress":

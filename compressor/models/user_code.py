@@ -83,7 +83,7 @@ def _check_trusted(name: str) -> None:
     if name not in trusted():
         raise UserError(f"model.json names Python code ({name}) that was never named on this machine; reading a model "
                         f"directory does not run code on its own: name the factory once, e.g. "
-                        f"`compress trust {name}` (or --model {name} on any command), then load the directory again")
+                        f"`compress trust {name}` (or give it as `model` to any command), then load the directory again")
 
 
 # ----------------------------------------------------------------------------- import and call
@@ -109,10 +109,10 @@ def factory(name: str) -> Callable[..., Any]:
     obj: Any = mod
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise UserError(f"'{module}' has no attribute '{attr}' (from --model {name})")
+            raise UserError(f"'{module}' has no attribute '{attr}' (from `model` {name})")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise UserError(f"{name} is not callable; --model needs a function or class that returns an nn.Module")
+        raise UserError(f"{name} is not callable; `model` needs a function or class that returns an nn.Module")
     return obj
 
 
@@ -157,7 +157,7 @@ def check_fingerprint(name: str, recorded: dict[str, Any] | None) -> None:
     msg = (f"the module of {name} changed since this model directory was written (file {now['file']}: sha256 "
            f"{str(recorded['sha256'])[:12]} then, {str(now['sha256'])[:12]} now)")
     if _settings["strict"]:
-        raise UserError(msg + "; refused under --strict")
+        raise UserError(msg + "; refused under `strict`")
     key = (name, str(now["sha256"]))
     if key not in _warned:
         _warned.add(key)
@@ -177,7 +177,7 @@ def build(name: str, kwargs: dict[str, Any], recorded: dict[str, Any] | None = N
     except UserError:
         raise
     except TypeError as e:
-        raise UserError(f"{name}({_kwargs(kwargs)}) failed: {_first(e)} (check --model-arg)") from None
+        raise UserError(f"{name}({_kwargs(kwargs)}) failed: {_first(e)} (check `model_arg`)") from None
     except Exception as e:
         raise UserError(f"{name}({_kwargs(kwargs)}) failed: {type(e).__name__}: {_first(e)}") from None
     if not isinstance(model, nn.Module):

@@ -1,0 +1,61 @@
+"""A busy machine is noticed: latency-aware pruning refuses to call a target reached, a profile marks every
+figure unreliable and fails its gates, unless the user proceeds with --allow-busy (recorded). The load is
+a fake load source, and a real competing process for the spread of the rounds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from profilers import quiet
+
+
+@pytest.fixture
+def busy(monkeypatch):
+    monkeypatch.setattr(quiet, "load_average", lambda: 3.7 * quiet.usable_cpus())
+
+
+def test_the_three_signs():
+    m = quiet.MachineCheck(cpus=2)
+    m.rounds("the parent", [1.0, 1.1, 1.0, 1.05, 9.0])  # one stray round is trimmed
+    m.drift("the parent", 3.8, 4.1)
+    assert m.quiet
+    m.rounds("the parent", [1.0, 3.0, 1.1, 2.9, 3.2])
+    m.drift("the parent", 3.78, 23.04)
+    assert not m.quiet and len(m.reasons) == 2 and "23" in m.summary()
+
+
+def test_latency_aware_prune_on_a_busy_machine_is_refused_or_flagged(cli, cnn_parent, tmp_path, busy):
+    out = tmp_path / "fast"
+    args = ["prune", "--model", cnn_parent, "--target-speedup", "1.2", "--latency-batch", "4", "--latency-cache",
+            tmp_path / "cache", "--latency-rounds", "3", "--latency-iterations", "1", "--threads", "1", "--out", out, "-q"]
+    _, _, err = cli(*args, expect=2)
+    assert "machine was busy while measuring (load average" in err and "--allow-busy" in err and not out.exists()
+    code, text, err = cli(*args, "--allow-busy", expect=None)
+    if code == 2:  # proceeding does not make an unreachable target reached
+        assert "not reached" in err and not out.exists()
+        return
+    assert code == 0 and "UNRELIABLE" in text
+    rec = json.loads((out / "model.json").read_text())
+    machine = rec["metrics"]["latency"]["machine"]
+    assert machine["quiet"] is False and machine["allow_busy"] is True and machine["reasons"]
+    assert rec["lineage"][-1]["settings"]["allow_busy"] is True
+
+
+def test_a_profile_on_a_busy_machine_is_marked_and_its_gates_fail(cli, cnn_parent, tmp_path, busy):
+    args = ["profile", cnn_parent, "--baseline", cnn_parent, "--backend", "torch", "--batch-sizes", "1", "--rounds", "2",
+            "--no-energy", "--out", tmp_path / "p", "--max-latency-ms", "10000"]
+    _, _, err = cli(*args, expect=1)
+    assert "UNRELIABLE measurement" in err and "gates' numbers are unreliable" in err
+    doc = json.loads((tmp_path / "p" / "profile.json").read_text())
+    assert doc["machine_check"]["quiet"] is False and "load average" in doc["machine_check"]["reasons"][0]
+    assert "**UNRELIABLE" in (tmp_path / "p" / "profile.md").read_text()
+    cli(*args, "--allow-busy", "--overwrite", expect=0)
+    assert json.loads((tmp_path / "p" / "profile.json").read_text())["machine_check"]["allow_busy"] is True
+
+
+def test_a_quiet_profile_says_so(cli, cnn_parent, tmp_path):
+    cli("profile", cnn_parent, "--backend", "torch", "--batch-sizes", "1", "--rounds", "2", "--no-energy", "--json", tmp_path / "p.json")
+    check = json.loads((tmp_path / "p.json").read_text())["machine_check"]
+    assert check["quiet"] is True and check["load_average"] == {"before": 0.0, "after": 0.0}
