@@ -14,11 +14,10 @@ from compressor import atomic, distributed, provenance
 from compressor.data import DataSpec, load_dataset
 from compressor.errors import UserError
 from compressor.modeldir import CHECKPOINT_DIR, SPEC, write_model_files
-from compressor.progress import console
 from compressor.workflows import (Source, check_feedable, dataset_for, finetune as run_finetune, get_model, keep_holdout,
                                   parse_model_args, pick_device)
 
-from . import common as c
+from . import common as c, interrupts
 from .output import before_after, out
 
 
@@ -121,21 +120,8 @@ def finetune(
     from compressor.workflows import measure
 
     before = measure(lm.model, lm.record.input, ds, dev) if directory is not None else None
-    try:
-        model_out, rec, result = run_finetune(lm, ds, cfg, out_dir, resuming, dev, distill, c.reporter(quiet),
-                                              {"model": str(directory or model)})
-    except KeyboardInterrupt:
-        console.print(f"interrupted: completed epochs are checkpointed in {out_dir / CHECKPOINT_DIR}; "
-                      f"re-run the same command with --resume to continue")
-        raise typer.Exit(130)
-    except UserError:
-        if created and world.main:  # a run that failed (diverged, bad data) leaves nothing worth resuming
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    except OSError:  # a full disk: keep a complete checkpoint to --resume from, else leave nothing
-        if created and world.main and not (out_dir / CHECKPOINT_DIR / "last.pt").is_file():
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
+    model_out, rec, result = _train(lm, ds, cfg, out_dir, resuming, dev, distill, quiet, created, world.main,
+                                    str(directory or model))
     if not world.main:
         distributed.finish()
         return
@@ -151,6 +137,24 @@ def finetune(
               + (f"; {world.size} processes (DDP)" if world.size > 1 else "")
               + f"; wrote {out_dir}")
     distributed.finish()
+
+
+def _train(lm, ds, cfg, out_dir: Path, resuming: bool, dev, distill: bool, quiet: bool, created: bool, main: bool, source: str):
+    """The training run, and what an interruption or a failure leaves behind."""
+    try:
+        return run_finetune(lm, ds, cfg, out_dir, resuming, dev, distill, c.reporter(quiet), {"model": source})
+    except KeyboardInterrupt:
+        interrupts.report(f"interrupted: completed epochs are checkpointed in {out_dir / CHECKPOINT_DIR}; "
+                          f"re-run the same command with --resume to continue")
+        raise typer.Exit(130)
+    except UserError:
+        if created and main:  # a run that failed (diverged, bad data) leaves nothing worth resuming
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    except OSError:  # a full disk: keep a complete checkpoint to --resume from, else leave nothing
+        if created and main and not (out_dir / CHECKPOINT_DIR / "last.pt").is_file():
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
 
 
 def _launch_if_asked(nproc: int, batch_size: int, out_dir: Path, resume: bool, overwrite: bool) -> None:

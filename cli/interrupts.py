@@ -10,7 +10,16 @@ import sys
 import threading
 
 interrupted = threading.Event()
-reported = threading.Event()  # the command printed its own "interrupted" line
+reported = threading.Event()  # the "interrupted" line was printed
+_print_lock = threading.Lock()
+
+
+def report(line: str = "interrupted") -> None:
+    """Print the one line, once, whichever thread gets there first."""
+    with _print_lock:
+        if not reported.is_set():
+            print(line, file=sys.stderr, flush=True)
+            reported.set()
 GRACE_S = 2.0  # after Ctrl-C, the command's own cleanup gets this long before the process ends itself
 _watching: list[bool] = []
 
@@ -39,8 +48,7 @@ def watch() -> None:
             while time.monotonic() < deadline:
                 time.sleep(0.05)
             break
-        if not reported.is_set():
-            print("interrupted", file=sys.stderr, flush=True)
+        report()
         os._exit(130)
 
     threading.Thread(target=wait, name="compress-sigint", daemon=True).start()

@@ -43,7 +43,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 def _register() -> None:
-    from . import compare, demo, export, finetune, info, package, profile, prune, trust
+    from . import compare, demo, export, finetune, info, optimize, package, profile, prune, trust
 
     app.command("demo")(demo.demo)
     app.add_typer(prune.app, name="prune")
@@ -52,6 +52,7 @@ def _register() -> None:
     app.command("profile")(profile.profile)
     app.command("compare")(compare.compare)
     app.command("package")(package.package)
+    app.command("optimize")(optimize.optimize)
     app.command("info")(info.info)
     app.command("trust")(trust.trust)
 
@@ -88,12 +89,11 @@ def run(argv: list[str] | None = None) -> int:
         _register_once()
         with provenance.running(shlex.join(["compress", *args])):  # run records quote the command that made them
             rv = app(args=args, prog_name="compress", standalone_mode=False)
-        if rv == 130:  # a command that handled Ctrl-C itself (finetune: where to resume)
-            interrupts.reported.set()
+        if rv == 130:  # Typer turns KeyboardInterrupt into exit 130; a command may have said more already
+            interrupts.report()
         return rv if isinstance(rv, int) else 0
     except (typer.Abort, KeyboardInterrupt):
-        interrupts.reported.set()
-        print("interrupted", file=sys.stderr)
+        interrupts.report()
         return 130
     except typer.TyperException as e:  # usage errors (Typer vendors click; its exceptions derive from this)
         msg = e.format_message() if hasattr(e, "format_message") else str(e)
@@ -119,8 +119,7 @@ def run(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:  # anything else is our bug: one line unless --debug
         if interrupts.interrupted.is_set():  # Ctrl-C inside an import surfaces as ImportError('initialization failed') & co.
-            interrupts.reported.set()
-            print("interrupted", file=sys.stderr)
+            interrupts.report()
             return 130
         from compressor.atomic import disk_error
 

@@ -16,3 +16,7 @@ class NotAvailable(UserError):
 
 class GateFailed(Exception):
     """A CI assertion (speedup, latency, regression) did not hold: exit code 1 with the reason."""
+
+
+class TargetNotReached(UserError):
+    """A measured latency target that pruning could not reach (exit 2 from `prune`; a failed bound in `optimize`)."""

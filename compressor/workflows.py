@@ -361,14 +361,15 @@ def layer_prune(lm: LoadedModel, ds: Dataset | None, metric: str, num_blocks: in
 
 def finetune(lm: LoadedModel, ds: Dataset, cfg: TrainConfig, run_dir: Path | None, resume: bool, device,
              distill: bool = False, reporter: Reporter = QUIET, settings: dict | None = None,
-             stage: str | None = None) -> tuple[nn.Module, ModelRecord, TrainResult]:
+             stage: str | None = None, teacher: nn.Module | None = None) -> tuple[nn.Module, ModelRecord, TrainResult]:
+    """`distill`: from `teacher` where given (optimize: the unpruned parent), else from the input model."""
     if not lm.record.classifier:
         raise UserError("fine-tuning trains on class labels and this model is not a classifier (it returns "
                         f"{', '.join(lm.record.outputs['names'] if lm.record.outputs else [])}); fine-tune it in your own "
                         "training loop (README: Your own model) and save it with the Python API")
     spec = lm.record.input
     model = clone(lm.model)
-    teacher = clone(lm.model) if distill else None
+    teacher = (clone(teacher) if teacher is not None else clone(lm.model)) if distill else None
     result = train(model, ds.train, ds.test, spec, cfg, device=device, run_dir=run_dir, resume=resume,
                    teacher=teacher, reporter=reporter, label="fine-tune" if lm.path else "train")
     rec = lm.record.child()

@@ -81,8 +81,10 @@ def _tar(files: dict[str, bytes], out: Path) -> None:
 
 
 def build(lm: LoadedModel, target: str, out: Path, precision: str = "fp32", samples: int = 8,
-          profile: Callable[[Path, str], dict] | None = None) -> dict:
-    """`profile(model_file, runtime)` (from the command, which owns measurement) records the build machine's latency."""
+          profile: Callable[[Path, str], dict] | None = None, artifact: Path | None = None) -> dict:
+    """`profile(model_file, runtime)` (from the command, which owns measurement) records the build machine's latency.
+    `artifact`: an already exported and checked file (ONNX, or an OpenVINO IR directory) to ship as it is (the
+    file `compress optimize` measured), instead of exporting `lm` again."""
     if target not in TARGETS:
         raise UserError(f"`target` must be one of {', '.join(TARGETS)}")
     t = TARGETS[target]
@@ -90,11 +92,11 @@ def build(lm: LoadedModel, target: str, out: Path, precision: str = "fp32", samp
     if runtime == "tensorrt":
         single_output(lm, f"the {target} bundle")
     with atomic.writing(out):
-        return _build(lm, target, out, precision, samples, profile, t, runtime, requirements)
+        return _build(lm, target, out, precision, samples, profile, t, runtime, requirements, artifact)
 
 
 def _build(lm: LoadedModel, target: str, out: Path, precision: str, samples: int, profile, t: dict, runtime: str,
-           requirements: list[str]) -> dict:
+           requirements: list[str], artifact: Path | None = None) -> dict:
     ds = dataset_for(None, None, None, None, False, lm.record)
     spec = lm.record.input
     files: dict[str, bytes] = {}
@@ -103,17 +105,26 @@ def _build(lm: LoadedModel, target: str, out: Path, precision: str, samples: int
         if openvino:
             from .openvino_export import BIN, XML
 
-            rep = export_openvino(lm, Path(tmp) / "ir", precision)
+            ir = Path(tmp) / "ir"
+            if artifact is None:
+                rep = export_openvino(lm, ir, precision)
+            else:
+                ir, rep = artifact, json.loads((artifact / (XML + ".json")).read_text())
             rep["opset"] = rep["onnx_opset"]
             model_file = XML
             for name in (XML, BIN):
-                files[name] = (Path(tmp) / "ir" / name).read_bytes()
+                files[name] = (ir / name).read_bytes()
             requirements[0] = f"openvino=={rep['openvino']}"
+            model_path = ir / XML
         else:
             model_file = "model.onnx"
-            rep = export_onnx(lm, Path(tmp) / model_file, precision)
-            files[model_file] = (Path(tmp) / model_file).read_bytes()
-        profile_doc = profile(Path(tmp) / ("ir" if openvino else "") / model_file, runtime) if profile is not None else None
+            model_path = Path(tmp) / model_file
+            if artifact is None:
+                rep = export_onnx(lm, model_path, precision)
+            else:
+                model_path, rep = artifact, json.loads(Path(str(artifact) + ".json").read_text())
+            files[model_file] = model_path.read_bytes()
+        profile_doc = profile(model_path, runtime) if profile is not None else None
     files["run.py"] = RUN_PY.read_bytes()
     files["requirements.txt"] = ("\n".join(requirements) + "\n").encode()
     sample_names: list[str] = []
@@ -269,7 +280,7 @@ def runner_check(root: Path, allow_custom: bool) -> dict | None:
     if not allow_custom:
         raise GateFailed(f"bundle/run.py differs from the runner this compress version writes (+{added}/-{removed} lines, "
                          f"first at {first or '?'}; sha256 {digest[:16]}..., ours {our_digest[:16]}...): the code "
-                         "the device would run is not verified; pass --allow-custom-runner only for a runner you customised")
+                         "the device would run is not verified; pass `allow_custom_runner` only for a runner you customised")
     return what
 
 

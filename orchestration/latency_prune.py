@@ -19,7 +19,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from compressor.data import Dataset
-from compressor.errors import UserError
+from compressor.errors import TargetNotReached, UserError
 from compressor.latency_plan import Group, Layer, ladder, plan_widths, removal_indices
 from compressor.modeldir import LoadedModel, ModelRecord, run_info
 from compressor.models import clone
@@ -137,7 +137,7 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
     if best["effective_ms"] > 1.1 * goal_ms:
         what = (f"{target.speedup:g}x" if target.speedup else f"{target.latency_ms:g} ms")
         got = best["check"]["speedup"]
-        raise UserError(f"target {what} not reached on {target.backend} {target.device} at batch {target.batch}: the "
+        raise TargetNotReached(f"target {what} not reached on {target.backend} {target.device} at batch {target.batch}: the "
                         f"closest child measured {got['median']:.2f}x [{got['ci_low']:.2f}, {got['ci_high']:.2f}] "
                         f"({best['check']['child_ms']:.4g} ms); ask for less, or lower `min_width_fraction`; nothing written")
     model = best["model"]

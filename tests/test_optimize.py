@@ -1,0 +1,76 @@
+"""compress optimize on the digits data: the whole command, a pass (both bounds hold on the deployed
+artifact: exit 0, bundle) and a refusal (a bound that cannot be met: exit 1, report, no bundle), resume,
+and bad input refused before any work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def demo_parent(tmp_path_factory):
+    """The demo's ResNet-20 (272k parameters, 32x32) after a short training on digits."""
+    from cli.main import run
+
+    out = tmp_path_factory.mktemp("opt") / "parent"
+    assert run(["finetune", "--model", "resnet20", "--data", "digits", "--epochs", "3", "--lr", "2e-3", "--batch-size", "64",
+                "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    return out
+
+
+def _optimize(cli, parent, out, cache, *extra, expect):
+    return cli("optimize", "--model", parent, "--batch", "32", "--epochs", "1", "--metric", "l2", "--latency-rounds", "5",
+               "--latency-iterations", "3", "--profile-rounds", "7", "--latency-cache", cache, "--compute-device", "cpu",
+               "--out", out, "-q", *extra, expect=expect)
+
+
+def test_optimize_passes_and_ships_the_artifact_it_measured(cli, demo_parent, tmp_path_factory):
+    tmp = tmp_path_factory.getbasetemp()
+    out = tmp / "opt-pass"
+    _, text, _ = _optimize(cli, demo_parent, out, tmp / "cache", "--target-speedup", "1.2", "--max-accuracy-drop", "100", expect=0)
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["schema"] == "compress-optimize/1" and doc["passed"] is True
+    best = next(a for a in doc["attempts"] if a["attempt"] == doc["chosen"])
+    sp = best["stages"]["measure"]["speedup"]
+    assert sp["ci_low"] >= 0.9 * 1.2  # the promise, on the deployed ONNX file against the parent's
+    assert best["stages"]["accuracy"]["runtime"] == "onnxruntime" and best["stages"]["accuracy"]["images"] > 0
+    assert set(best["stages"]) == {"prune", "finetune", "export", "measure", "accuracy"}
+    # the bundle holds the very file that was measured
+    import tarfile
+
+    with tarfile.open(out / "bundle.tar.gz") as tar:
+        shipped = tar.extractfile("bundle/model.onnx").read()
+    assert shipped == (out / best["dir"] / "deploy-fp32" / "model.onnx").read_bytes()
+    assert (out / "report.md").read_text().startswith("# compress optimize") and (out / "accuracy_vs_speedup.png").is_file()
+    assert any(c.startswith("compress prune ") for c in doc["commands"]) and "both bounds hold" in text
+    cli("package", "--verify", out / "bundle.tar.gz")
+    # --resume of a finished run redoes nothing and passes again
+    _optimize(cli, demo_parent, out, tmp / "cache", "--target-speedup", "1.2", "--max-accuracy-drop", "100", "--resume", expect=0)
+
+
+def test_a_bound_that_cannot_be_met_is_exit_1_with_a_report_and_no_bundle(cli, demo_parent, tmp_path_factory):
+    tmp = tmp_path_factory.getbasetemp()
+    out = tmp / "opt-fail"
+    _, _, err = _optimize(cli, demo_parent, out, tmp / "cache", "--target-speedup", "40", "--max-accuracy-drop", "1", expect=1)
+    assert "gate failed: optimize: the speed bound does not hold" in err
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["passed"] is False and doc["failed"]["bound"] == "speed" and doc["bundle"] is None
+    assert not (out / "bundle.tar.gz").exists() and "FAILED" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--target-speedup", "fast"], "number or max"),
+    (["--target-speedup", "2", "--target-latency-ms", "3"], "one of"),
+    (["--target-speedup", "0.5"], "above 1"),
+    (["--target-speedup", "2", "--runtime", "tvm"], "--runtime"),
+    (["--target-speedup", "2", "--runtime", "torch", "--precision", "int8"], "torch runtime"),
+    (["--target-speedup", "2", "--runtime", "tensorrt", "--device", "cpu"], "NVIDIA GPU"),
+    (["--target-speedup", "2", "--max-accuracy-drop", "-1"], "max-accuracy-drop"),
+    (["--target-speedup", "2", "--resume"], "does not exist"),
+])
+def test_bad_optimize_input_is_refused_before_any_work(cli, demo_parent, tmp_path, args, words):
+    out = tmp_path / "x"
+    _, _, err = cli("optimize", "--model", demo_parent, "--out", out, *args, expect=2)
+    assert words in err and len(err.strip().splitlines()) == 1 and not out.exists()
