@@ -1,6 +1,6 @@
 """A full or size-limited disk is one line naming the path (exit 1), with nothing left behind, for every
-writer: safetensors (prune), torch checkpoints (finetune), ONNX, OpenVINO IR, bundles and reports. The
-limit is RLIMIT_FSIZE on a real process, as `ulimit -f` sets it."""
+writer: safetensors (prune), torch checkpoints (finetune), OpenVINO IR, bundles (their ONNX export and the
+archive) and reports. The limit is RLIMIT_FSIZE on a real process, as `ulimit -f` sets it."""
 
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ def _openvino() -> bool:
 CASES = {
     "prune (safetensors)": lambda p, o: ["prune", *TINY_CNN, "--data", "fake", "--sparsity", "0.5", "--out", o],
     "finetune (checkpoint)": lambda p, o: ["finetune", p, "--epochs", "1", "--train-size", "64", "--test-size", "64", "--out", o],
-    "export onnx": lambda p, o: ["export", p, "--format", "onnx", "--out", f"{o}.onnx"],
     "export openvino": lambda p, o: ["export", p, "--format", "openvino", "--out", o],
     "package": lambda p, o: ["package", p, "--target", "onnxruntime-cpu", "--no-profile", "--out", f"{o}.tar.gz"],
     "profile report": lambda p, o: ["profile", p, "--backend", "torch", "--batch-sizes", "1", "--rounds", "2", "--no-energy", "--out", o],
