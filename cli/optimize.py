@@ -163,6 +163,9 @@ def _summary(doc: dict, out_dir: Path) -> None:
                       f"[{sp['ci_low']:.2f}, {sp['ci_high']:.2f}] (pruning {m['pruning_speedup']:.2f}x, precision "
                       f"{m['precision_speedup']:.2f}x), top-1 {acc['top1']:.2f} (drop {a['accuracy_drop']:.2f}): "
                       + ("pass" if a["passed"] else f"fail ({a['failed']})"))
+        if m["precision_speedup"] < 0.95:
+            console.print(f"note: the {doc['settings']['precision']} artifact ran {m['precision_speedup']:.2f}x the speed of the "
+                          f"same child in {doc['settings']['baseline_precision']} on this runtime: it costs speed here")
     if doc["passed"]:
         b = doc.get("bundle")
         console.print(f"both bounds hold on the deployed artifact (attempt {doc['chosen']}); "

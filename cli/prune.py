@@ -279,6 +279,8 @@ def _load(src: Source, data, data_dir, train_size, test_size, download,
 
 def _report_width(summary: PruneResult, title: str, sparsity: float, out_dir: Path) -> None:
     out.print(before_after(title, summary.before, summary.after))
+    if summary.after.get("eval_note"):
+        out.print(f"note: {summary.after['eval_note']}")
     if summary.heads:
         first = next(iter(summary.heads.values()))
         out.print(f"attention heads per block: {first[0]} -> {first[1]}")
@@ -307,6 +309,8 @@ def _latency_aware(lm, ds, cfg, target: LatencyTarget, calib_size, dev, rep, set
     goal = f"{target.speedup:g}x" if target.speedup else f"{target.latency_ms:g} ms"
     out.print(before_after(f"latency-aware pruning for {goal} on {p['backend']} {p['device']}, batch {p['batch']}, "
                            f"{cfg.metric}", summary.before, summary.after))
+    if summary.after.get("eval_note"):
+        out.print(f"note: {summary.after['eval_note']}")
     t = p["table"]
     out.print(f"latency table: {t['entries_measured']} layer entries measured ({t['measure_s']} s), {t['cache_hits']} "
               f"lookups from the cache; {len(p['attempts'])} plan/measure attempt(s)")

@@ -46,7 +46,8 @@ def wrap(model: nn.Module, factory: str, *, example_inputs: torch.Tensor, kwargs
     c, h, w = (int(v) for v in example_inputs.shape[1:])
     spec = InputSpec(c, h, w, tuple(mean or (0.5,) * c), tuple(std or (0.25,) * c))
     outs = check_runs(model, spec, "as given")
-    classes = int(outs["shapes"][0][0]) if outs["classifier"] else (num_classes or 1)
+    first = outs["shapes"][0]  # a multi-task head's first output is often its class logits
+    classes = int(first[0]) if outs["classifier"] or (num_classes is None and len(first) == 1 and first[0] > 1) else (num_classes or 1)
     arch = ArchSpec(user_code.SOURCE, factory, dict(kwargs or {}), user_code.fingerprint(factory))
     rec = ModelRecord(arch, classes, spec, list(labels or [str(i) for i in range(classes)]), None, outputs=outs)
     rec.metrics = {k: v for k, v in count(model, (c, h, w)).items() if k in ("params", "macs")}
@@ -98,7 +99,7 @@ def prune(lm: LoadedModel, *, sparsity: float | None = None, target_speedup: flo
     dev = pick_device(device)
     ds = dataset_for(data, data_dir, None, None, False, None,
                      fake_shape=(lm.record.input.channels, lm.record.input.height, lm.record.input.width),
-                     fake_classes=lm.record.num_classes) if data else None
+                     fake_classes=max(2, lm.record.num_classes)) if data else None
     if target_speedup is None:
         model, rec, _ = width_prune(lm, ds, cfg, calib_size, dev)
     else:

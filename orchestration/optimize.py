@@ -275,7 +275,8 @@ class Optimizer:
         acc_ok = drop <= cfg.max_accuracy_drop
         busy = not m["machine_check"]["quiet"] and not cfg.allow_busy
         row["passed"] = speed_ok and acc_ok and not busy
-        row["failed"] = None if row["passed"] else ("busy machine" if busy else "speed" if not speed_ok else "accuracy")
+        row["failed"] = None if row["passed"] else ("busy machine" if busy else "speed and accuracy" if not (speed_ok or acc_ok)
+                                                    else "speed" if not speed_ok else "accuracy")
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
@@ -289,6 +290,7 @@ class Optimizer:
             prune_for = None if goal is None else round(goal * PRUNE_MARGIN, 3)
             for i in range(1, cfg.speed_attempts + 1):
                 row = self.attempt(i, prune_for, goal)
+                # only a pure speed miss is worth more pruning: one that already lost accuracy would lose more
                 if row["passed"] or row["failed"] != "speed" or "stages" not in row or "measure" not in row["stages"]:
                     break
                 sp = row["stages"]["measure"]["speedup"]

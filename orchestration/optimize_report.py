@@ -13,15 +13,18 @@ def _f(v, fmt="{:.2f}") -> str:
 
 def markdown(doc: dict) -> str:
     s, p = doc["settings"], doc["parent"]
-    goal = f"{s['target_speedup']}x" if s["target_speedup"] == "max" or s["target_speedup"] is None else f"{s['target_speedup']:g}x"
     if s["target_speedup"] is None:
         goal = f"{s['target_latency_ms']:g} ms"
+    elif s["target_speedup"] == "max":
+        goal = "the fastest speedup within the accuracy bound"
+    else:
+        goal = f"{s['target_speedup']:g}x"
     verdict = "PASSED: both bounds hold on the deployed artifact" if doc["passed"] else (
         f"FAILED: the {doc['failed']['bound']} bound does not hold" + (f" ({doc['failed']['why']})" if doc["failed"].get("why") else ""))
     lines = [f"# compress optimize: {goal} on {s['runtime']} {s['device']}, batch {s['batch']}, {s['precision']} "
-             f"(baseline {s['baseline_precision']}), at most {s['max_accuracy_drop']:g} points of top-1", "",
+             f"(baseline {s['baseline_precision']}), at most {s['max_accuracy_drop']:g} point(s) of top-1", "",
              f"**{verdict}.** Speed bound: {doc['speed_band']}; accuracy bound: the deployed artifact's top-1, run in "
-             f"{s['runtime']}, at most {s['max_accuracy_drop']:g} points below the parent artifact's.", "",
+             f"{s['runtime']}, at most {s['max_accuracy_drop']:g} point(s) below the parent artifact's.", "",
              f"Parent: {p.get('path')} ({_f(p.get('params'), '{:,}')} params, {_f(p.get('macs'), '{:,}')} MACs); its "
              f"{s['baseline_precision']} artifact: top-1 {_f(p['accuracy']['top1'])} in {s['runtime']} on {p['accuracy']['images']} "
              f"test images (PyTorch {_f(p.get('pytorch_top1'))}).", "",
@@ -49,6 +52,12 @@ def markdown(doc: dict) -> str:
                          else f"n/a ({m['deployed_energy'].get('reason')})") + "."]
         if not m["machine_check"]["quiet"]:
             lines += ["", f"**UNRELIABLE: the machine was busy while timing ({'; '.join(m['machine_check']['reasons'])}).**"]
+    slower = [a for a in doc["attempts"] if (a.get("stages", {}).get("measure") or {}).get("precision_speedup", 1.0) < 0.95]
+    if slower:
+        m = slower[0]["stages"]["measure"]
+        lines += ["", f"Note: on this runtime the {s['precision']} artifact ran slower than the same child in "
+                      f"{s['baseline_precision']} (precision share {m['precision_speedup']:.2f}x in attempt {slower[0]['attempt']}): "
+                      f"here {s['precision']} costs speed instead of buying it."]
     pick = next((a for a in doc["attempts"] if a["attempt"] == doc.get("chosen")), None)
     if pick is not None and pick["stages"]["prune"].get("widths"):
         w = pick["stages"]["prune"]["widths"]

@@ -53,7 +53,8 @@ def test_optimize_passes_and_ships_the_artifact_it_measured(cli, demo_parent, tm
 def test_a_bound_that_cannot_be_met_is_exit_1_with_a_report_and_no_bundle(cli, demo_parent, tmp_path_factory):
     tmp = tmp_path_factory.getbasetemp()
     out = tmp / "opt-fail"
-    _, _, err = _optimize(cli, demo_parent, out, tmp / "cache", "--target-speedup", "40", "--max-accuracy-drop", "1", expect=1)
+    _, _, err = _optimize(cli, demo_parent, out, tmp / "cache", "--target-speedup", "40", "--max-accuracy-drop", "1",
+                          "--speed-attempts", "1", expect=1)
     assert "gate failed: optimize: the speed bound does not hold" in err
     doc = json.loads((out / "report.json").read_text())
     assert doc["passed"] is False and doc["failed"]["bound"] == "speed" and doc["bundle"] is None

@@ -149,3 +149,28 @@ def test_readme_python_example_runs(tmp_path, home):
     assert p.returncode == 0, p.stderr[-2000:]
     assert (work / "runs" / "own-pruned" / "model.json").is_file() and (work / "runs" / "own-pruned.onnx").is_file()
     assert "speedup" in p.stdout
+
+
+def test_api_taylor_on_a_two_output_model_with_the_callers_loss(tmp_path):
+    """Through the Python API a loss function lets first-order Taylor rank a model that is not a classifier;
+    the pruned copy saves, reloads strictly and keeps both outputs."""
+    import torch
+    import torch.nn.functional as F
+
+    from orchestration import api
+    from userpkg.nets import two_head
+
+    base = api.wrap(two_head(width=8), "userpkg.nets:two_head", kwargs={"width": 8}, example_inputs=torch.zeros(1, 3, 16, 16))
+    assert base.record.classifier is False
+
+    def loss(out, y):  # the caller's multi-task loss: classification plus the mask's mean square
+        logits, mask = out
+        return F.cross_entropy(logits, y) + mask.pow(2).mean()
+
+    child = api.prune(base, sparsity=0.5, metric="taylor", loss_fn=loss, data="fake", calib_size=32)
+    assert child.record.lineage[-1]["settings"]["loss"] == "test_api_taylor_on_a_two_output_model_with_the_callers_loss.<locals>.loss"
+    api.save(child, tmp_path / "t50")
+    again = api.load(tmp_path / "t50", strict=True)
+    logits, mask = again.model(torch.zeros(2, 3, 16, 16))
+    assert logits.shape == (2, 10) and mask.shape == (2, 3, 8, 8)
+    assert sum(p.numel() for p in again.model.parameters()) < sum(p.numel() for p in base.model.parameters())
