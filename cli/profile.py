@@ -49,7 +49,7 @@ def profile(
     gate_batch_sizes: Annotated[Optional[str], typer.Option(help="Apply --assert-speedup/--assert-realised/--max-latency-ms at these batch sizes only (a small CNN on a big GPU is launch-bound at batch 1).")] = None,
     against: Annotated[Optional[Path], typer.Option(help="A previous profile JSON: fail on latency regressions.")] = None,
     max_regression: Annotated[str, typer.Option(help="Allowed p50 latency regression against --against, e.g. 10% or 0.1.")] = "10%",
-    allow_busy: Annotated[bool, typer.Option("--allow-busy", help="Let gates pass on numbers measured while the machine was busy (load above 1.5x the usable CPUs, or a target's rounds spreading 2x); recorded in the JSON. Without it such a profile is marked unreliable and its gates fail.")] = False,
+    allow_busy: Annotated[bool, typer.Option("--allow-busy", help="Let gates pass on numbers measured while the machine was busy (other processes using over half its CPU time, or a target's rounds spreading 2x); recorded in the JSON. Without it such a profile is marked unreliable and its gates fail.")] = False,
     overwrite: c.Overwrite = False,
     quiet: c.Quiet = False,
     config: c.Config = None,

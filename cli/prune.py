@@ -64,7 +64,7 @@ def prune(
     latency_iterations: Annotated[int, _lat("plan, prune and measure attempts; each corrects the budget by what the last ones measured.")] = 5,
     min_width_fraction: Annotated[float, _lat("every layer keeps at least this share of its channels.")] = 0.2,
     threads: Annotated[Optional[int], _lat("CPU threads for every latency measurement (default: the runtime's).")] = None,
-    allow_busy: Annotated[bool, _lat("write the child even when the machine was busy while measuring (load above 1.5x the usable CPUs, rounds spreading 2x, or the parent's latency drifting 2x); recorded in model.json. Without it such a run is refused.")] = False,
+    allow_busy: Annotated[bool, _lat("write the child even when the machine was busy while measuring (other processes using over half its CPU time, rounds spreading 2x, or the parent's latency drifting 2x); recorded in model.json. Without it such a run is refused.")] = False,
     ignore_layers: c.IgnoreLayers = None,
     checkpoint: c.Checkpoint = None, pretrained: c.Pretrained = False, trust_pickle: c.TrustPickle = False,
     model_arg: c.ModelArg = None, input_size: c.InputSize = None, input_channels: c.InputChannels = None, num_classes: c.NumClasses = None,

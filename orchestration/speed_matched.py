@@ -144,6 +144,8 @@ def _finish(parent, ds, cfg, latency, out, name, child, rec, summary: PruneResul
     write_model_files(cdir, model, frec)
     spec = parent.record.input
     shape = (spec.channels, spec.height, spec.width)
+    machine = quiet.MachineCheck(latency.allow_busy)
+    machine.sample_load("before")
     with tempfile.TemporaryDirectory(prefix="compress-match-") as tmp:
         base = model_runner(clone(parent.model), latency.backend, latency.device, latency.batch, shape, Path(tmp), "p",
                             latency.threads)
@@ -152,7 +154,6 @@ def _finish(parent, ds, cfg, latency, out, name, child, rec, summary: PruneResul
         check = paired(base, runner, rounds=latency.rounds)
         base.close()
         runner.close()
-    machine = quiet.MachineCheck(latency.allow_busy)
     machine.rounds("the parent", check["parent_rounds"])
     machine.rounds("the child", check["child_rounds"])
     machine.sample_load("after")

@@ -3,7 +3,8 @@ pruning, matched-speedup compare).
 
 Multi-threaded runtimes on oversubscribed cores distort latency far beyond a run's own interval (a parent
 measured at 23 ms on a loaded 2-core machine ran in 3.8 ms on the quiet one), so three signs are watched:
-- the load average against the CPUs this process may use, before and after timing;
+- other processes' share of the machine's CPU time, before and during timing (our own threads excluded, so a
+  runtime's busy-waiting workers do not count; the load average against the usable CPUs where /proc is missing);
 - the spread of a target's own per-round medians within one measurement;
 - the parent's latency against its own earlier measurement in the same run.
 Any of them marks the measurement unreliable: latency-aware pruning then refuses to call a target reached,
@@ -16,7 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-LOAD_FACTOR = 1.5  # 1-minute load above 1.5 x usable CPUs: more runnable work than the cores serve
+LOAD_FACTOR = 1.5  # where /proc/stat is missing: 1-minute load above 1.5 x usable CPUs
+OTHERS_SHARE = 0.5  # other processes using more than half of the machine's CPU time while we time
 SPREAD = 2.0  # a target's slowest round median over its fastest, within one measurement
 DRIFT = 2.0  # the parent's latency now over (or under) its earlier measurement in the same run
 
@@ -27,6 +29,29 @@ def load_average() -> float | None:
         return float(os.getloadavg()[0])
     except (AttributeError, OSError):
         return None
+
+
+def cpu_times() -> tuple[int, int, int] | None:
+    """(busy jiffies of the whole machine, jiffies of this process and its children, total jiffies), or None
+    where /proc is missing. Our own threads (a runtime's busy-waiting workers included) are subtracted, so
+    only other processes' work counts as a busy machine."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:9]]
+        with open("/proc/self/stat") as f:
+            st = f.read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = sum(vals)
+    own = sum(int(v) for v in st[11:15])  # utime, stime, cutime, cstime
+    return total - vals[3] - vals[4], own, total  # idle and iowait are not busy
+
+
+def others_share(since: tuple[int, int, int] | None, now: tuple[int, int, int] | None) -> float | None:
+    """Share of the machine's CPU time that other processes used between two cpu_times() samples."""
+    if since is None or now is None or now[2] <= since[2]:
+        return None
+    return max(0.0, (now[0] - since[0]) - (now[1] - since[1])) / (now[2] - since[2])
 
 
 def usable_cpus() -> int:
@@ -42,11 +67,27 @@ class MachineCheck:
     cpus: int = field(default_factory=usable_cpus)
     loads: dict[str, float] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
+    load_kind: str = "others_cpu_share"
+    _since: tuple[int, int, int] | None = field(default=None, repr=False)
 
     def sample_load(self, when: str) -> None:
+        """Before timing: other processes' CPU share over a short window; after: over the whole timing.
+        Where /proc is missing, the 1-minute load average against the usable CPUs."""
+        if when == "before":
+            import time
+
+            self._since = cpu_times()
+            time.sleep(0.3)
+        share = others_share(self._since, cpu_times())
+        if share is not None:
+            self.loads[when] = round(share, 3)
+            if share > OTHERS_SHARE:
+                self._add(f"other processes used {100 * share:.0f}% of the machine's CPU time {when} timing")
+            return
         load = load_average()
         if load is None:
             return
+        self.load_kind = "load_average"
         self.loads[when] = round(load, 2)
         if load > LOAD_FACTOR * self.cpus:
             self._add(f"load average {load:.1f} {when} timing on {self.cpus} usable CPU{'s' if self.cpus > 1 else ''}")
@@ -74,6 +115,7 @@ class MachineCheck:
         return "; ".join(self.reasons[:3]) + (f" (and {len(self.reasons) - 3} more)" if len(self.reasons) > 3 else "")
 
     def to_json(self) -> dict[str, Any]:
-        return {"quiet": self.quiet, "reasons": list(self.reasons), "load_average": dict(self.loads),
+        return {"quiet": self.quiet, "reasons": list(self.reasons), "cpu_load": dict(self.loads), "cpu_load_kind": self.load_kind,
                 "usable_cpus": self.cpus, "allow_busy": self.allow_busy,
-                "thresholds": {"load_per_cpu": LOAD_FACTOR, "round_spread": SPREAD, "parent_drift": DRIFT}}
+                "thresholds": {"others_cpu_share": OTHERS_SHARE, "load_per_cpu": LOAD_FACTOR, "round_spread": SPREAD,
+                               "parent_drift": DRIFT}}

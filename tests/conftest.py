@@ -34,10 +34,11 @@ class CLI:
 
 @pytest.fixture(autouse=True)
 def _load_average_pinned(monkeypatch):
-    """Tests that time for real judge the code, not how loaded the test machine is: the load-average source
-    of the quiet-machine check is pinned (tests/test_quiet.py sets its own)."""
+    """Tests that time for real judge the code, not how loaded the test machine is: the load sources of the
+    quiet-machine check are pinned (tests/test_quiet.py sets its own)."""
     from profilers import quiet
 
+    monkeypatch.setattr(quiet, "others_share", lambda since, now: 0.0)
     monkeypatch.setattr(quiet, "load_average", lambda: 0.0)
 
 

@@ -10,10 +10,20 @@ import pytest
 
 from profilers import quiet
 
+REAL_OTHERS_SHARE = quiet.others_share  # taken at import, before conftest pins it for every test
+
 
 @pytest.fixture
 def busy(monkeypatch):
-    monkeypatch.setattr(quiet, "load_average", lambda: 3.7 * quiet.usable_cpus())
+    monkeypatch.setattr(quiet, "others_share", lambda since, now: 0.85)
+
+
+def test_our_own_threads_do_not_count_as_a_busy_machine():
+    """The share is other processes' CPU time: busy jiffies that were this process's own do not count."""
+    assert REAL_OTHERS_SHARE((1000, 200, 4000), (1150, 350, 4200)) == 0.0  # all 150 busy jiffies were ours
+    assert REAL_OTHERS_SHARE((1000, 200, 4000), (1150, 250, 4200)) == 0.5  # 100 of 200 went to others
+    sample = quiet.cpu_times()
+    assert sample is None or (len(sample) == 3 and sample[0] <= sample[2])
 
 
 def test_the_three_signs():
@@ -31,7 +41,8 @@ def test_latency_aware_prune_on_a_busy_machine_is_refused_or_flagged(cli, cnn_pa
     args = ["prune", "--model", cnn_parent, "--target-speedup", "1.2", "--latency-batch", "4", "--latency-cache",
             tmp_path / "cache", "--latency-rounds", "3", "--latency-iterations", "1", "--threads", "1", "--out", out, "-q"]
     _, _, err = cli(*args, expect=2)
-    assert "machine was busy while measuring (load average" in err and "--allow-busy" in err and not out.exists()
+    assert "machine was busy while measuring (other processes used 85% of the machine's CPU time before timing" in err
+    assert "--allow-busy" in err and not out.exists()
     code, text, err = cli(*args, "--allow-busy", expect=None)
     if code == 2:  # proceeding does not make an unreachable target reached
         assert "not reached" in err and not out.exists()
@@ -49,7 +60,7 @@ def test_a_profile_on_a_busy_machine_is_marked_and_its_gates_fail(cli, cnn_paren
     _, _, err = cli(*args, expect=1)
     assert "UNRELIABLE measurement" in err and "gates' numbers are unreliable" in err
     doc = json.loads((tmp_path / "p" / "profile.json").read_text())
-    assert doc["machine_check"]["quiet"] is False and "load average" in doc["machine_check"]["reasons"][0]
+    assert doc["machine_check"]["quiet"] is False and "other processes used 85%" in doc["machine_check"]["reasons"][0]
     assert "**UNRELIABLE" in (tmp_path / "p" / "profile.md").read_text()
     cli(*args, "--allow-busy", "--overwrite", expect=0)
     assert json.loads((tmp_path / "p" / "profile.json").read_text())["machine_check"]["allow_busy"] is True
@@ -58,4 +69,4 @@ def test_a_profile_on_a_busy_machine_is_marked_and_its_gates_fail(cli, cnn_paren
 def test_a_quiet_profile_says_so(cli, cnn_parent, tmp_path):
     cli("profile", cnn_parent, "--backend", "torch", "--batch-sizes", "1", "--rounds", "2", "--no-energy", "--json", tmp_path / "p.json")
     check = json.loads((tmp_path / "p.json").read_text())["machine_check"]
-    assert check["quiet"] is True and check["load_average"] == {"before": 0.0, "after": 0.0}
+    assert check["quiet"] is True and check["cpu_load"] == {"before": 0.0, "after": 0.0}
