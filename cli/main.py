@@ -15,6 +15,7 @@ if __name__ == "__main__" or os.path.basename(sys.argv[0] or "") == "compress":
     interrupts.watch()  # before the heavy imports: Ctrl-C during them is handled too
 
 import errno  # noqa: E402
+import functools  # noqa: E402
 import re  # noqa: E402
 import shlex  # noqa: E402
 import signal  # noqa: E402
@@ -42,7 +43,9 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
     user_code.set_strict(strict)
 
 
+@functools.cache
 def _register() -> None:
+    """Every command (they import torch & co.): done inside run(), where Ctrl-C is handled; once."""
     from . import compare, demo, export, finetune, info, optimize, package, profile, prune, trust
 
     app.command("demo")(demo.demo)
@@ -57,18 +60,11 @@ def _register() -> None:
     app.command("trust")(trust.trust)
 
 
-_registered: list[bool] = []
-
-
-def _register_once() -> None:
-    if not _registered:  # the commands import torch & co.: done inside run(), where Ctrl-C is handled
-        _register()
-        _registered.append(True)
 
 
 def application() -> typer.Typer:
     """The Typer app with every command registered (for tests and documentation tools)."""
-    _register_once()
+    _register()
     return app
 
 
@@ -86,7 +82,7 @@ def run(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
-        _register_once()
+        _register()
         with provenance.running(shlex.join(["compress", *args])):  # run records quote the command that made them
             rv = app(args=args, prog_name="compress", standalone_mode=False)
         if rv == 130:  # Typer turns KeyboardInterrupt into exit 130; a command may have said more already

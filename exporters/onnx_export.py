@@ -22,7 +22,7 @@ from compressor.errors import UserError
 
 from .precision import PRECISIONS, TOLERANCE, to_fp16, to_int8
 
-INPUT_NAME, OUTPUT_NAME = "input", outputs.LOGITS
+INPUT_NAME = "input"
 INT8_RELATIVE = 0.1  # int8 of a model without class logits: |diff| <= 10 % of the largest output
 
 

@@ -11,6 +11,7 @@ which adds it to a small trust list, as Jupyter keeps the notebooks a user trust
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
@@ -73,10 +74,8 @@ def trust(name: str) -> None:
     have = trusted()
     if name in have:
         return
-    try:
+    with contextlib.suppress(OSError):  # a read-only home: the factory still runs now; a later reload asks again
         atomic.write_json(_trust_file(), {"factories": sorted(have | {name})})
-    except OSError:
-        pass  # the factory still runs now; a later reload asks again
 
 
 def _check_trusted(name: str) -> None:
