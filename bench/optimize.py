@@ -3,6 +3,7 @@ deployed artifact in its runtime and precision, on real Fashion-MNIST.
 
     .venv/bin/python bench/optimize.py            # the whole grid (hours on 2 cores)
     .venv/bin/python bench/optimize.py --quick    # ResNet-20, ONNX Runtime, batch 32: 2x and max, fp32 and int8
+    .venv/bin/python bench/optimize.py --models resnet20,resnet56 --precisions fp32 --targets 1.5   # a slice
 
 Grid: ResNet-20 and ResNet-56 (parents trained with a held-out split), ONNX Runtime and OpenVINO on the CPU,
 fp32 and int8, batch 1 and 32, targets 1.5x / 2x / 3x and max, --max-accuracy-drop 1. Per row: the deployed
@@ -18,6 +19,11 @@ from common import FMNIST, RUNS, compress, load, md_table, require_fashion_mnist
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--quick", action="store_true")
+ap.add_argument("--models", help="comma-separated slice of the grid (default: all)")
+ap.add_argument("--runtimes")
+ap.add_argument("--precisions")
+ap.add_argument("--batches")
+ap.add_argument("--targets")
 args = ap.parse_args()
 require_fashion_mnist()
 started = time.time()
@@ -27,6 +33,13 @@ MODELS = ["resnet20"] if args.quick else ["resnet20", "resnet56"]
 RUNTIMES = ["onnxruntime"] if args.quick else ["onnxruntime", "openvino"]
 BATCHES = [32] if args.quick else [1, 32]
 TARGETS = ["2", "max"] if args.quick else ["1.5", "2", "3", "max"]
+PRECISIONS = ["fp32", "int8"]
+SLICE = [f"--{k} {v}" for k, v in vars(args).items() if k != "quick" and v]
+MODELS = args.models.split(",") if args.models else MODELS
+RUNTIMES = args.runtimes.split(",") if args.runtimes else RUNTIMES
+PRECISIONS = args.precisions.split(",") if args.precisions else PRECISIONS
+BATCHES = [int(b) for b in args.batches.split(",")] if args.batches else BATCHES
+TARGETS = args.targets.split(",") if args.targets else TARGETS
 rows = []
 for name in MODELS:
     parent = base / name / "parent"
@@ -34,7 +47,7 @@ for name in MODELS:
              "--test-size", 2000, "--holdout", 0.1, "--epochs", 8, "--optimizer", "sgd", "--lr", 0.05, "--lr-schedule", "cosine",
              "--out", parent, "--overwrite", "-q", log=log, done=(parent / "model.json").exists())
     for runtime in RUNTIMES:
-        for precision in ("fp32", "int8"):
+        for precision in PRECISIONS:
             for batch in BATCHES:
                 for target in TARGETS:
                     out = base / name / f"{runtime}_{precision}_b{batch}_x{target}"
@@ -64,5 +77,6 @@ body += ("\n\nThe speed bound: the lower end of the deployed artifact's 95% inte
          "parent's fp32 artifact in the same runtime (interleaved rounds). The accuracy bound: top-1 of the deployed artifact, "
          "run in its runtime on 2,000 unseen test images, at most 1 point below the parent artifact's. Fine-tuning: 3 epochs of "
          "Adam (lr 1e-4, the fine-tuning default) distilled from the parent, the held-out split kept out.")
-write_section("optimize" + ("_quick" if args.quick else ""), "compress optimize: the promise checked on the deployed artifact"
-              + (" (quick grid)" if args.quick else ""), body, log, started, script="optimize.py" + (" --quick" if args.quick else ""))
+name, title = ("optimize_quick", " (quick grid)") if args.quick else ("optimize_slice", " (a slice of the grid)") if SLICE else ("optimize", "")
+write_section(name, "compress optimize: the promise checked on the deployed artifact" + title, body, log, started,
+              script=" ".join(["optimize.py"] + (["--quick"] if args.quick else []) + SLICE))

@@ -41,6 +41,7 @@ def optimize(
     metric: Annotated[str, _opt(PRUNE, f"Importance: {', '.join(METRICS)}.")] = "taylor",
     round_to: Annotated[Optional[int], _opt(PRUNE, "Kept widths are multiples of this.")] = None,
     min_width_fraction: Annotated[float, _opt(PRUNE, "Every layer keeps at least this share of its channels.")] = 0.2,
+    depth: Annotated[bool, _opt(PRUNE, "Also remove whole residual blocks where that loses less importance per ms saved than narrowing layers; --no-depth keeps every block.", "--depth/--no-depth")] = True,
     latency_rounds: Annotated[int, _opt(PRUNE, "Interleaved rounds of each in-loop measurement.")] = 9,
     latency_iterations: Annotated[int, _opt(PRUNE, "Plan/measure attempts inside each prune.")] = 5,
     speed_attempts: Annotated[int, _opt(PRUNE, "Whole attempts (prune -> ... -> measure); a speed miss on the artifact corrects the pruning target by what it measured.")] = 3,
@@ -82,7 +83,7 @@ def optimize(
     train = c.train_config(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, seed=seed,
                            dataset=data or "digits", device=dev)
     cfg = OptimizeConfig(speed, target_latency_ms, runtime, device, batch, precision, baseline_precision, max_accuracy_drop,
-                         metric=metric, round_to=round_to, min_width_fraction=min_width_fraction, latency_rounds=latency_rounds,
+                         metric=metric, round_to=round_to, min_width_fraction=min_width_fraction, depth=depth, latency_rounds=latency_rounds,
                          latency_iterations=latency_iterations, speed_attempts=speed_attempts, max_probes=max_probes,
                          profile_rounds=profile_rounds, calib_size=calib_size, test_limit=None, allow_busy=allow_busy,
                          threads=threads, seed=seed, cache_dir=latency_cache, train=train, distill=distill)

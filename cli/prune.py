@@ -63,6 +63,8 @@ def prune(
     latency_rounds: Annotated[int, _lat("interleaved parent/child rounds of each whole-model measurement.")] = 9,
     latency_iterations: Annotated[int, _lat("plan, prune and measure attempts; each corrects the budget by what the last ones measured.")] = 5,
     min_width_fraction: Annotated[float, _lat("every layer keeps at least this share of its channels.")] = 0.2,
+    depth: Annotated[bool, _lat("also remove whole residual blocks where that loses less importance per ms saved than narrowing layers (how batch-1 targets that widths alone cannot reach are met); --no-depth keeps every block.")] = True,
+    min_blocks_per_stage: Annotated[int, _lat("with --depth, blocks every stage keeps (its first block always stays).")] = 1,
     threads: Annotated[Optional[int], _lat("CPU threads for every latency measurement (default: the runtime's).")] = None,
     allow_busy: Annotated[bool, _lat("write the child even when the machine was busy while measuring (other processes using over half its CPU time, rounds spreading 2x, or the parent's latency drifting 2x); recorded in model.json. Without it such a run is refused.")] = False,
     ignore_layers: c.IgnoreLayers = None,
@@ -97,7 +99,7 @@ def prune(
             raise UserError("--threads must be >= 1")
         target = LatencyTarget(target_speedup, target_latency_ms, latency_backend, latency_device, latency_batch, threads,
                                latency_cache or default_cache_dir(), latency_rounds, latency_iterations, min_width_fraction,
-                               allow_busy)
+                               allow_busy, depth, min_blocks_per_stage)
     _check_common(out_dir, overwrite, calib_size)
     validate(cfg)
     if target is not None and cfg.layer_sparsity:
@@ -322,6 +324,8 @@ def _latency_aware(lm, ds, cfg, target: LatencyTarget, calib_size, dev, rep, set
     if not m.get("quiet", True):
         out.print(f"warning: UNRELIABLE: the machine was busy while measuring ({'; '.join(m['reasons'])}); written because "
                   "--allow-busy was given (recorded in model.json)", style="bold red")
+    if summary.removed_blocks:
+        out.print(f"removed blocks: {', '.join(summary.removed_blocks)}")
     if summary.heads:
         out.print("attention heads per block: " + ", ".join(f"{v[0]} -> {v[1]}" for v in summary.heads.values()))
     if summary.slower:

@@ -4,8 +4,15 @@ The network's latency is modelled as a constant plus the sum over its conv/linea
 cores) of a measured cost that depends on the layer's input and output widths: `cost(signature, c_in,
 c_out)` in ms. Each step removes, from one group, the block of its least important remaining units that
 loses the least importance per millisecond saved; several block sizes are tried per group, so a width the
-hardware dislikes (one that is slower than a wider one) is stepped over because the table says so. Pure
-algorithm: the caller supplies the cost function (measured on the target, or a synthetic table in tests).
+hardware dislikes (one that is slower than a wider one) is stepped over because the table says so.
+
+Depth is a move beside the widths: removing a whole residual block saves its layers' cost at their current
+widths plus the block's own overhead (what the runtime spends on it beyond its conv/linear layers, measured
+on the block whole: normalisation, activations, the residual add, per-op dispatch). It loses the importance
+of every unit still inside the block, on the same scale as a width step (a block removed is its inner
+units removed, plus for Taylor and KL the block's own first-order or measured loss change, which also
+counts its output into the residual stream), so the planner compares the two by importance lost per ms saved. Pure algorithm: the
+caller supplies the cost function (measured on the target, or a synthetic table in tests).
 """
 
 from __future__ import annotations
@@ -63,6 +70,19 @@ class Layer:
         return (c_in, c_in) if self.depthwise else (c_in, c_out)
 
 
+@dataclass
+class DepthBlock:
+    """A residual block the plan may remove: its conv/linear layers, the groups that live only inside it
+    (a removed block takes all their units), and its measured overhead beyond those layers, in ms."""
+
+    name: str
+    stage: str
+    layers: list[str]
+    groups: list[str]
+    overhead_ms: float = 0.0
+    score: float | None = None  # the block's own importance on the units' scale; None: the sum of its units'
+
+
 def ladder(n: int, round_to: int | None = None, levels: int = 16, min_fraction: float = 0.0) -> list[int]:
     """Kept widths a group may take, at least `min_fraction` of n: multiples of round_to when given,
     otherwise about `levels` evenly spaced widths and every multiple of 8 in between (the widths CPU/GPU
@@ -82,34 +102,63 @@ class Plan:
     predicted_ms: float
     parent_ms: float
     steps: list[dict]
+    removed: list[str] = field(default_factory=list)  # blocks, in the order the plan removed them
 
     @property
     def predicted_speedup(self) -> float:
         return self.parent_ms / self.predicted_ms
 
 
-def predict(layers: list[Layer], widths: dict[str, int], cost: Cost, offset_ms: float) -> float:
-    return offset_ms + sum(layer.cost(cost, widths) for layer in layers)
+def predict(layers: list[Layer], widths: dict[str, int], cost: Cost, offset_ms: float,
+            removed: list[DepthBlock] | None = None) -> float:
+    removed = removed or []
+    gone = {name for b in removed for name in b.layers}
+    return (offset_ms - sum(b.overhead_ms for b in removed)
+            + sum(layer.cost(cost, widths) for layer in layers if layer.name not in gone))
 
 
 def plan_widths(groups: list[Group], layers: list[Layer], cost: Cost, budget_ms: float, offset_ms: float = 0.0,
-                tries: int = 4, on_step: Callable[[float], None] | None = None, best_effort: bool = False) -> Plan:
-    """Greedy: until the predicted latency is within `budget_ms`, take the (group, block) removal with the
-    least importance lost per ms saved, trying for every group its next `tries` ladder widths and every
-    ladder width within a quarter of its current width (all lower widths when none of those saves time).
-    A budget out of reach is refused, or with `best_effort` answered with the fastest plan found."""
+                tries: int = 4, on_step: Callable[[float], None] | None = None, best_effort: bool = False,
+                blocks: list[DepthBlock] | None = None, min_per_stage: int = 1,
+                stage_sizes: dict[str, int] | None = None) -> Plan:
+    """Greedy: until the predicted latency is within `budget_ms`, take the move with the least importance
+    lost per ms saved. Width moves: for every group its next `tries` ladder widths and every ladder width
+    within a quarter of its current width (all lower widths when none of those saves time). Depth moves:
+    removing one of `blocks`, keeping `min_per_stage` blocks in each stage (`stage_sizes`: blocks per
+    stage, removable or not). A budget out of reach is refused, or with `best_effort` answered with the
+    fastest plan found."""
     widths = {g.name: g.n for g in groups}
+    by_group = {g.name: g for g in groups}
     touching: dict[str, list[Layer]] = {g.name: [] for g in groups}
     for layer in layers:
         for gname in {layer.in_group, layer.out_group} - {None}:
             if gname not in touching:
                 raise ValueError(f"layer {layer.name} names unknown group {gname}")
             touching[gname].append(layer)
+    blocks = list(blocks or [])
+    left = dict(stage_sizes or {})
+    for b in blocks:
+        left.setdefault(b.stage, sum(1 for o in blocks if o.stage == b.stage))
+    by_layer = {layer.name: layer for layer in layers}
+    removed: list[DepthBlock] = []
     parent_ms = predict(layers, widths, cost, offset_ms)
     current = parent_ms
     steps: list[dict] = []
     while current > budget_ms:
         best = None
+        for b in blocks:
+            if b in removed or left[b.stage] <= min_per_stage:
+                continue
+            saved = b.overhead_ms + sum(by_layer[n].cost(cost, widths) for n in b.layers if n in by_layer)
+            if saved <= 0:
+                continue
+            # what is left of the block: its own score (or its units' sum) less what width steps took already
+            taken = float(sum(by_group[g].sorted_scores[:by_group[g].n - widths[g]].sum() for g in b.groups))
+            whole = b.score if b.score is not None else float(sum(by_group[g].sorted_scores.sum() for g in b.groups))
+            lost = max(whole - taken, 0.0)
+            ratio = lost / saved
+            if best is None or ratio < best[0] - 1e-12:
+                best = (ratio, b, None, saved, lost)
         for g in groups:
             w = widths[g.name]
             below = [k for k in g.ladder if k < w]
@@ -135,15 +184,22 @@ def plan_widths(groups: list[Group], layers: list[Layer], cost: Cost, budget_ms:
         if best is None:
             if best_effort:
                 break  # the fastest plan the table knows; the caller measures whether it is enough
-            raise UserError(f"the latency target {budget_ms:.4g} ms cannot be reached: no further width reduction is "
+            raise UserError(f"the latency target {budget_ms:.4g} ms cannot be reached: no further width or depth reduction is "
                             f"predicted to save time below {current:.4g} ms (parent {parent_ms:.4g} ms); ask for less speedup")
-        _, name, k, saved, lost = best
-        steps.append({"group": name, "from": widths[name], "to": k, "saved_ms": saved, "importance_lost": lost})
-        widths[name] = k
+        _, what, k, saved, lost = best
+        if isinstance(what, DepthBlock):
+            removed.append(what)
+            left[what.stage] -= 1
+            gone = set(what.layers)
+            touching = {g: [layer for layer in ls if layer.name not in gone] for g, ls in touching.items()}
+            steps.append({"block": what.name, "saved_ms": saved, "importance_lost": lost})
+        else:
+            steps.append({"group": what, "from": widths[what], "to": k, "saved_ms": saved, "importance_lost": lost})
+            widths[what] = k
         current -= saved
         if on_step is not None:
             on_step(current)
-    return Plan(widths, predict(layers, widths, cost, offset_ms), parent_ms, steps)
+    return Plan(widths, predict(layers, widths, cost, offset_ms, removed), parent_ms, steps, [b.name for b in removed])
 
 
 def removal_indices(group: Group, keep: int) -> list[int]:

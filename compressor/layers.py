@@ -1,7 +1,9 @@
-"""Layer pruning: removing whole residual blocks (CIFAR/torchvision ResNets, timm ViT blocks).
+"""Layer pruning: removing whole residual blocks (CIFAR/torchvision ResNets, timm ViT blocks, and the
+inverted residuals of MobileNetV2 / EfficientNet-style networks from torchvision and timm).
 
 A block is removable when its output has its input's shape (no downsampling shortcut) and it is not a
-stage's first block; each stage keeps at least `min_per_stage` blocks. A removed block becomes an
+stage's first block; each stage keeps at least `min_per_stage` blocks. In a mobile network a stage is a
+run of blocks that starts with a block without a skip connection (the one that changes the shape). A removed block becomes an
 identity, so the model is physically shallower and its directory records which blocks are gone.
 """
 
@@ -19,7 +21,7 @@ from .errors import UserError
 from .progress import QUIET, Reporter
 from .similarity import linear_cka, penultimate
 
-LAYER_METRICS = ("kl", "l1", "random", "cka")
+LAYER_METRICS = ("kl", "taylor", "l1", "random", "cka")
 
 
 @dataclass
@@ -42,14 +44,44 @@ def find_blocks(model: nn.Module) -> list[Block]:
         return blocks
     stages = [n for n, m in model.named_children() if n.startswith("layer") and isinstance(m, nn.Sequential)]
     if not stages:
-        raise UserError(f"layer pruning supports residual stages (ResNet layerN, timm ViT blocks); "
-                        f"{type(model).__name__} has none")
+        mobile = _inverted_residuals(model)
+        if mobile:
+            return mobile
+        raise UserError(f"layer pruning supports residual stages (ResNet layerN, timm ViT blocks, inverted "
+                        f"residuals); {type(model).__name__} has none")
     for stage in stages:
         for i, b in enumerate(getattr(model, stage)):
             if isinstance(b, nn.Identity):
                 continue
             preserving = getattr(b, "downsample", None) is None and i > 0
             blocks.append(Block(f"{stage}.{i}", stage, i, preserving))
+    return blocks
+
+
+def _skips(m: nn.Module) -> bool | None:
+    """torchvision's InvertedResidual says `use_res_connect`, timm's efficientnet blocks `has_skip`;
+    None: not such a block."""
+    for attr in ("use_res_connect", "has_skip"):
+        v = getattr(m, attr, None)
+        if isinstance(v, bool):
+            return v
+    return None
+
+
+def _inverted_residuals(model: nn.Module) -> list[Block]:
+    blocks = []
+    for path, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        start = None
+        for i, b in enumerate(seq):
+            skip = _skips(b)
+            if skip is None:
+                start = None  # a stem or head between stages
+                continue
+            if not skip or start is None:
+                start = i
+            blocks.append(Block(f"{path}.{i}" if path else str(i), f"{path}@{start}", i, skip))
     return blocks
 
 
@@ -96,6 +128,8 @@ def score_blocks(model: nn.Module, blocks: list[Block], metric: str, calib: Imag
     if calib is None:
         raise UserError(f"layer metric {metric} needs calibration data (pass `data`)")
     model.eval()
+    if metric == "taylor":
+        return _taylor(model, blocks, calib, spec, batch_size, device, reporter)
     batches = Batches(calib, spec, batch_size, device=device)
     scores = {}
     if metric == "kl":
@@ -112,6 +146,22 @@ def score_blocks(model: nn.Module, blocks: list[Block], metric: str, calib: Imag
             with without(model, b.path):
                 scores[b.path] = 1.0 - linear_cka(ref, penultimate(model, calib, spec, batch_size, device))
             advance()
+    return scores
+
+
+def _taylor(model: nn.Module, blocks: list[Block], calib: ImageSet, spec: InputSpec, batch_size: int, device,
+            reporter: Reporter) -> dict[str, float]:
+    """First-order Taylor (Molchanov et al. 2019) of removing a block: the sum of |w * dL/dw| over every
+    parameter in it. Removing a residual block is zeroing all its parameters (the branch then adds zero),
+    and a channel's Taylor score is the same sum over the parameters that removing the channel zeroes
+    (torch-pruning's GroupTaylorImportance), so block and channel scores are on one scale."""
+    with torch.enable_grad():
+        imp.accumulate_gradients(model, calib, spec, batch_size, device, reporter)
+    scores = {}
+    for b in blocks:
+        params = [p for p in model.get_submodule(b.path).parameters() if p.grad is not None]
+        scores[b.path] = float(sum((p * p.grad).abs().sum().item() for p in params))  # type: ignore[operator]
+    model.zero_grad(set_to_none=True)
     return scores
 
 

@@ -5,30 +5,39 @@
 2. Build the latency model: each conv/linear layer's (and attention core's) cost at given in/out widths,
    measured alone on the target (profilers.layer_latency, cached), calibrated against the whole parent
    measured on the same backend, so predictions are in real milliseconds.
-3. Choose widths (compressor.latency_plan: least importance lost per ms saved, until the budget).
+   Each removable residual block is also timed whole at the parent's widths (cached like the layers): what
+   it costs beyond its layers (normalisation, activations, the add, per-op dispatch) is what removing it
+   saves on top of its layers' cost.
+3. Choose widths and blocks to remove (compressor.latency_plan: least importance lost per ms saved, until
+   the budget; a removed block loses the importance of every unit inside it).
 4. Prune, then measure parent and child in interleaved rounds and report predicted vs measured.
 """
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 import torch.nn as nn
 
 from compressor.data import Dataset
 from compressor.errors import TargetNotReached, UserError
-from compressor.latency_plan import Group, Layer, ladder, plan_widths, removal_indices
-from compressor.modeldir import LoadedModel, ModelRecord, run_info
+from compressor.latency_plan import DepthBlock, Group, Layer, ladder, plan_widths, removal_indices
+from compressor.layers import find_blocks, removable, score_blocks
+from compressor.modeldir import LoadedModel, ModelRecord, remove_blocks, run_info
 from compressor.models import clone
 from compressor.progress import QUIET, Reporter
-from compressor.pruning import WidthConfig, attention_heads, layer_groups, prune_to_widths, unit_scores
+from compressor.pruning import LOSS_ESTIMATES, WidthConfig, attention_heads, layer_groups, prune_to_widths, unit_scores
 from compressor.workflows import PruneResult, measure
 from profilers.layer_latency import LayerLatency, op_shapes
 from profilers import quiet
 from profilers.paired import model_runner, paired
+from profilers.runners import measure as time_runner
 
 
 @dataclass
@@ -44,6 +53,8 @@ class LatencyTarget:
     iterations: int = 5  # plan -> prune -> measure attempts (a miss either way is corrected by the next)
     min_fraction: float = 0.2  # every group keeps at least this share of its units
     allow_busy: bool = False  # write the child even when the machine was busy while measuring (recorded)
+    depth: bool = True  # whole residual blocks are planner moves beside the widths (where the model has them)
+    min_blocks_per_stage: int = 1
 
     def validate(self) -> None:
         if (self.speedup is None) == (self.latency_ms is None):
@@ -58,10 +69,13 @@ class LatencyTarget:
             raise UserError("`latency_iterations` must be at least 1")
         if not (0.0 < self.min_fraction <= 1.0):
             raise UserError("`min_width_fraction` must be in (0, 1]")
+        if self.min_blocks_per_stage < 1:
+            raise UserError("`min_blocks_per_stage` must be >= 1")
 
     def to_json(self) -> dict:
         return {"target_speedup": self.speedup, "target_latency_ms": self.latency_ms, "latency_backend": self.backend,
                 "latency_device": self.device, "latency_batch": self.batch, "threads": self.threads,
+                "depth": self.depth, "min_blocks_per_stage": self.min_blocks_per_stage,
                 **({"allow_busy": True} if self.allow_busy else {})}
 
 
@@ -83,10 +97,14 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
     groups = [Group(i.name, i.n_units, scores[i.name],  # `round_to` counts channels, not heads
                     ladder(i.n_units, None if i.kind == "head" else cfg.round_to, min_fraction=target.min_fraction))
               for i in infos]
+    blocks, stage_sizes = _depth_blocks(parent, layers, target) if target.depth else ([], {})
+    _score_blocks(parent, blocks, cfg, calib, spec, device, reporter)
     with tempfile.TemporaryDirectory(prefix="compress-latency-") as tmp:
         fit = _calibrate(parent, spec, groups, layers, table, target, Path(tmp), reporter)
         parent_runner, parent_ms = fit.pop("parent_runner"), fit["parent_ms"]
         scaled = lambda sig, c_in, c_out: fit["scale"] * table(sig, c_in, c_out)  # noqa: E731
+        _block_overheads(parent, shape, blocks, layers, {g.name: g.n for g in groups}, scaled, table, fit["offset_ms"],
+                         target, Path(tmp), reporter)
         if target.speedup is not None:
             goal_ms = parent_ms / target.speedup
         else:
@@ -103,10 +121,11 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
             with reporter.task(f"latency-aware widths, attempt {attempt + 1} (ms predicted)", None) as advance:
                 table.on_measure = lambda: advance(0, info=f"{table.measured} layers measured")
                 plan = plan_widths(groups, layers, scaled, budget, fit["offset_ms"], best_effort=True,
-                                   on_step=lambda ms: advance(1, info=f"{ms:.3f} ms, {table.measured} layers measured"))
+                                   on_step=lambda ms: advance(1, info=f"{ms:.3f} ms, {table.measured} layers measured"),
+                                   blocks=blocks, min_per_stage=target.min_blocks_per_stage, stage_sizes=stage_sizes)
             table.on_measure = None
             table.save()
-            child, changed = _with_widths(parent, spec, groups, plan.widths)
+            child, changed = _with_widths(parent, spec, groups, plan.widths, plan.removed)
             runner = model_runner(clone(child), target.backend, target.device, target.batch, shape, Path(tmp),
                                   f"child{attempt}", target.threads)
             with reporter.task(f"measuring parent vs child, attempt {attempt + 1}", None):
@@ -119,7 +138,10 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
             # measurements); a latency target by the child's latency.
             eff = parent_ms / check["speedup"]["median"] if target.speedup else check["child_ms"]
             row = {"attempt": attempt + 1, "budget_ms": budget, "predicted_ms": plan.predicted_ms, "check": check,
-                   "effective_ms": eff, "widths": plan.widths, "model": child, "changed": changed}
+                   "effective_ms": eff, "widths": plan.widths, "removed": plan.removed, "model": child, "changed": changed}
+            reporter.log(f"attempt {attempt + 1}: predicted {plan.predicted_ms:.4g} ms, measured {check['child_ms']:.4g} ms "
+                         f"({check['speedup']['median']:.2f}x; goal {goal_ms:.4g} ms)"
+                         + (f"; removed {', '.join(plan.removed)}" if plan.removed else ""))
             tries.append(row)
             ratio = eff / goal_ms  # 1.0 = on target
             if best is None or better_attempt(ratio, best["effective_ms"] / goal_ms):
@@ -154,22 +176,27 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
         "prediction_error": round(best["predicted_ms"] / best["check"]["child_ms"] - 1.0, 4),
         "attempts": [{"attempt": t["attempt"], "budget_ms": round(t["budget_ms"], 5), "predicted_ms": round(t["predicted_ms"], 5),
                       "measured_child_ms": round(t["check"]["child_ms"], 5), "measured_parent_ms": round(t["check"]["parent_ms"], 5),
-                      "measured_speedup": round(t["check"]["speedup"]["median"], 4)} for t in tries],
+                      "measured_speedup": round(t["check"]["speedup"]["median"], 4), "removed_blocks": t["removed"]}
+                     for t in tries],
         "table": {"entries_measured": table.measured, "cache_hits": table.hits, "measure_s": round(table.measure_s, 2),
                   "cache": None if table.path is None else str(table.path)},
-        "widths": {g.name: [g.n, best["widths"][g.name]] for g in groups},
+        "widths": {g.name: [g.n, best["widths"][g.name]] for g in groups if not _inside(g.name, best["removed"], blocks)},
+        "removed_blocks": best["removed"],
+        "blocks": {b.name: {"overhead_ms": round(b.overhead_ms, 5), "groups": b.groups} for b in blocks},
         "machine": machine.to_json(),
     }
     slow = sp["ci_high"] < 1.0
     if slow:
         proof["slower_layers"] = _worst_layers(layers, table, groups, best["widths"])
     rec = lm.record.child()
+    rec.removed_blocks = list(lm.record.removed_blocks) + best["removed"]
     rec.metrics = {**after, "latency": proof}
     heads_before, heads_after = attention_heads(parent), attention_heads(model)
     heads = {n: [h, heads_after[n]] for n, h in heads_before.items() if heads_after.get(n, h) != h}
     res = PruneResult(before, after, round(table_s, 2), best["changed"], heads, calib_images=None if calib is None else len(calib),
-                      latency=proof, slower=slow)
-    rec.lineage.append(run_info("prune", {**(settings or {}), **cfg.to_json(), **target.to_json(), "structure": "width",
+                      latency=proof, slower=slow, removed_blocks=best["removed"])
+    rec.lineage.append(run_info("prune", {**(settings or {}), **cfg.to_json(), **target.to_json(),
+                                          "structure": "width+depth" if best["removed"] else "width",
                                           "calib_size": res.calib_images},
                                 None if lm.path is None else str(lm.path),
                                 {"before": before, "after": after, "prune_s": res.prune_s, "latency": proof},
@@ -212,11 +239,112 @@ def better_attempt(ratio: float, best_ratio: float) -> bool:
     return abs(ratio - 1) < abs(best_ratio - 1)
 
 
-def _with_widths(parent, spec, groups: list[Group], widths: dict[str, int]):
-    """A copy of `parent` with every group cut to its width (least important units first)."""
+def _with_widths(parent, spec, groups: list[Group], widths: dict[str, int], removed: list[str] | None = None):
+    """A copy of `parent` with every group cut to its width (least important units first) and the `removed`
+    blocks replaced by identities (after the widths: the dependency graph is the parent's)."""
     child = clone(parent)
     changed = prune_to_widths(child, spec, {g.name: removal_indices(g, widths[g.name]) for g in groups})
+    remove_blocks(child, list(removed or []))
     return child, changed
+
+
+def _inside(group: str, removed: list[str], blocks: list[DepthBlock]) -> bool:
+    return any(group in b.groups for b in blocks if b.name in removed)
+
+
+def _depth_blocks(model: nn.Module, layers: list[Layer], target: LatencyTarget) -> tuple[list[DepthBlock], dict[str, int]]:
+    """The removable blocks as planner moves: their layers and the groups that live only inside them. A
+    block without such a group is left to the widths (its removal would have no importance to weigh)."""
+    try:
+        found = find_blocks(model)
+    except UserError:
+        return [], {}  # no residual stages: widths only
+    stage_sizes: dict[str, int] = {}
+    for b in found:
+        stage_sizes[b.stage] = stage_sizes.get(b.stage, 0) + 1
+    out = []
+    for b in removable(model, target.min_blocks_per_stage):
+        inside = [layer for layer in layers if layer.name.startswith(b.path + ".")]
+        outside = {g for layer in layers if not layer.name.startswith(b.path + ".") for g in (layer.in_group, layer.out_group)}
+        own = sorted({g for layer in inside for g in (layer.in_group, layer.out_group) if g is not None} - outside)
+        if own:
+            out.append(DepthBlock(b.path, b.stage, [layer.name for layer in inside], own))
+    return out, stage_sizes
+
+
+def _score_blocks(parent: nn.Module, blocks: list[DepthBlock], cfg: WidthConfig, calib, spec, device, reporter) -> None:
+    """Taylor and KL score a block as they score a unit (the loss change of removing it); other metrics
+    rank units within their group, so a block counts as the sum of its units' scores (DepthBlock.score None)."""
+    if not blocks or cfg.metric not in LOSS_ESTIMATES or calib is None:
+        return
+    found = {b.path: b for b in find_blocks(parent)}
+    scores = score_blocks(parent, [found[b.name] for b in blocks], cfg.metric, calib, spec, device=device,
+                          seed=cfg.seed, reporter=reporter, kl_direction=cfg.kl_direction)
+    for b in blocks:
+        b.score = scores[b.name]
+
+
+def _block_overheads(parent: nn.Module, shape: tuple[int, int, int], blocks: list[DepthBlock], layers: list[Layer],
+                     full: dict[str, int], scaled, table: LayerLatency, offset_ms: float, target: LatencyTarget,
+                     tmp: Path, reporter: Reporter) -> None:
+    """Each block timed whole on the target (identical blocks once, cached with the table), less the
+    runtime's per-call cost and its layers' modelled cost: the fused work and per-op overhead that removing
+    the block saves beyond its layers. Capped so that together they never exceed the calibrated offset
+    (the part of the parent's latency that no layer accounts for)."""
+    if not blocks:
+        return
+    modules = dict(parent.named_modules())
+    shapes = _block_inputs(parent, shape, [b.name for b in blocks])
+    by_layer = {layer.name: layer for layer in layers}
+    with reporter.task("timing residual blocks whole", len(blocks)) as advance:
+        for b in blocks:
+            m, shape = modules[b.name], shapes[b.name]
+            key = "block|" + hashlib.sha256(f"{m!r}|{shape}".encode()).hexdigest()[:20]
+
+            def timed(m=m, shape=shape, name=b.name) -> float:
+                runner = model_runner(_copy(m), target.backend, target.device, target.batch, shape, tmp,
+                                      "block-" + name.replace(".", "_"), target.threads)
+                try:
+                    whole = float(np.median(time_runner(runner, 3, 10, 0.1)))
+                finally:
+                    runner.close()
+                return max(0.0, whole - table.overhead((target.batch, *shape)))
+            whole = table.cached(key, timed)
+            own = sum(by_layer[n].cost(scaled, full) for n in b.layers)
+            b.overhead_ms = max(0.0, whole - own)
+            advance()
+    total = sum(b.overhead_ms for b in blocks)
+    if total > offset_ms > 0:
+        for b in blocks:
+            b.overhead_ms *= offset_ms / total
+    elif offset_ms <= 0:
+        for b in blocks:
+            b.overhead_ms = 0.0
+    table.save()
+
+
+def _copy(m: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(m).cpu().eval()
+
+
+@torch.no_grad()
+def _block_inputs(model: nn.Module, shape: tuple[int, int, int], paths: list[str]) -> dict[str, tuple[int, ...]]:
+    """The per-image input shape of each block, from one forward pass."""
+    seen: dict[str, tuple[int, ...]] = {}
+    def hook_for(path: str):
+        def hook(m, args) -> None:  # a pre-hook's non-None return value would replace the input
+            seen.setdefault(path, tuple(args[0].shape[1:]))
+        return hook
+
+    handles = [model.get_submodule(p).register_forward_pre_hook(hook_for(p)) for p in paths]
+    try:
+        model.eval()(torch.zeros(1, *shape, device=next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
 
 
 def _calibrate(parent, spec, groups, layers, table, target, tmp: Path, reporter) -> dict:

@@ -61,6 +61,7 @@ class OptimizeConfig:
     metric: str = "taylor"
     round_to: int | None = None
     min_width_fraction: float = 0.2
+    depth: bool = True  # whole residual blocks are planner moves beside the widths
     latency_rounds: int = 9
     latency_iterations: int = 5
     speed_attempts: int = 3  # prune -> ... -> measure attempts, each correcting the pruning target
@@ -107,7 +108,7 @@ class OptimizeConfig:
     def latency_target(self, speedup: float | None) -> LatencyTarget:
         return LatencyTarget(speedup, None if speedup is not None else self.target_latency_ms, self.runtime, self.device, self.batch,
                              self.threads, self.cache_dir or default_cache_dir(), self.latency_rounds, self.latency_iterations,
-                             self.min_width_fraction, self.allow_busy)
+                             self.min_width_fraction, self.allow_busy, self.depth)
 
     def to_json(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k not in ("train", "cache_dir")}  # the cache changes no result

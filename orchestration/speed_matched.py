@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from compressor import atomic
@@ -41,8 +42,7 @@ def run(lm: LoadedModel, ds: Dataset, cfg: CompareConfig, latency: LatencyTarget
         resume: bool, device="cpu", reporter: Reporter = QUIET) -> dict:
     cfg.validate()
     for t in targets:
-        LatencyTarget(t, None, latency.backend, latency.device, latency.batch, latency.threads, latency.cache_dir,
-                      latency.rounds, latency.iterations, latency.min_fraction).validate()
+        replace(latency, speedup=t, latency_ms=None).validate()
     doc = existing_grid(out, cfg) if resume and (out / "compare.json").is_file() else skeleton(lm, ds, cfg, out, replace=True)
     parent = load_model_dir(out / "parent")
     cells = finished_cells(out, doc)
@@ -68,8 +68,7 @@ def run(lm: LoadedModel, ds: Dataset, cfg: CompareConfig, latency: LatencyTarget
 
 def _latency_cell(parent, ds, cfg, latency, metric, target, out, device, reporter) -> dict:
     name = cell_names(metric, target)[0]
-    want = LatencyTarget(target, None, latency.backend, latency.device, latency.batch, latency.threads, latency.cache_dir,
-                         latency.rounds, latency.iterations, latency.min_fraction, latency.allow_busy)
+    want = replace(latency, speedup=target, latency_ms=None)
     reporter.log(f"cell {name}: latency-aware prune for {target:g}x")
     try:
         child, rec, summary = latency_prune(parent, ds, cfg.width(metric, 0.5), want, cfg.calib_size, device, reporter,

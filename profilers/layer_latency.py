@@ -376,16 +376,31 @@ class LayerLatency:
         op = self.ops[key]
         t0 = time.perf_counter()
         shape = _input_shape(op, self.batch, c_in)
-        okey = json.dumps(shape)
-        if okey not in self.overheads:
-            self.overheads[okey] = self.timer.overhead(shape, self.min_time_s)
-        ms = max(0.0, self.timer.op(op, self.batch, c_in, c_out, self.min_time_s) - self.overheads[okey])
+        ms = max(0.0, self.timer.op(op, self.batch, c_in, c_out, self.min_time_s) - self.overhead(shape))
         self.measure_s += time.perf_counter() - t0
         self.entries[entry] = ms
         self.measured += 1
         if self.on_measure is not None:
             self.on_measure()
         return ms
+
+    def overhead(self, shape: tuple[int, ...]) -> float:
+        """The backend's per-call cost (an Identity) on an input of this shape, in ms."""
+        okey = json.dumps(list(shape))
+        if okey not in self.overheads:
+            self.overheads[okey] = self.timer.overhead(tuple(shape), self.min_time_s)
+        return self.overheads[okey]
+
+    def cached(self, key: str, measure_fn: Callable[[], float]) -> float:
+        """An entry measured by the caller (e.g. a whole residual block), cached with the layers."""
+        if key in self.entries:
+            self.hits += 1
+            return self.entries[key]
+        t0 = time.perf_counter()
+        self.entries[key] = float(measure_fn())
+        self.measure_s += time.perf_counter() - t0
+        self.measured += 1
+        return self.entries[key]
 
     def save(self) -> None:
         if self.path is None:
