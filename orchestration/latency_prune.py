@@ -103,8 +103,8 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
         fit = _calibrate(parent, spec, groups, layers, table, target, Path(tmp), reporter)
         parent_runner, parent_ms = fit.pop("parent_runner"), fit["parent_ms"]
         scaled = lambda sig, c_in, c_out: fit["scale"] * table(sig, c_in, c_out)  # noqa: E731
-        _block_overheads(parent, shape, blocks, layers, {g.name: g.n for g in groups}, scaled, table, fit["offset_ms"],
-                         target, Path(tmp), reporter)
+        fit.update(_block_overheads(parent, shape, blocks, layers, {g.name: g.n for g in groups}, scaled, table,
+                                    parent_runner, target, Path(tmp), reporter))
         if target.speedup is not None:
             goal_ms = parent_ms / target.speedup
         else:
@@ -285,42 +285,48 @@ def _score_blocks(parent: nn.Module, blocks: list[DepthBlock], cfg: WidthConfig,
 
 
 def _block_overheads(parent: nn.Module, shape: tuple[int, int, int], blocks: list[DepthBlock], layers: list[Layer],
-                     full: dict[str, int], scaled, table: LayerLatency, offset_ms: float, target: LatencyTarget,
-                     tmp: Path, reporter: Reporter) -> None:
-    """Each block timed whole on the target (identical blocks once, cached with the table), less the
-    runtime's per-call cost and its layers' modelled cost: the fused work and per-op overhead that removing
-    the block saves beyond its layers. Capped so that together they never exceed the calibrated offset
-    (the part of the parent's latency that no layer accounts for)."""
+                     full: dict[str, int], scaled, table: LayerLatency, parent_runner, target: LatencyTarget,
+                     tmp: Path, reporter: Reporter) -> dict:
+    """What removing each block saves beyond its layers' modelled cost. Each block is timed whole on the
+    target (identical blocks once, cached with the table), less the runtime's per-call cost; a block timed
+    alone misses how the runtime schedules it inside the network, so the sum is calibrated against one
+    whole-model measurement: the parent against a copy without every candidate block."""
     if not blocks:
-        return
+        return {}
     modules = dict(parent.named_modules())
     shapes = _block_inputs(parent, shape, [b.name for b in blocks])
     by_layer = {layer.name: layer for layer in layers}
+    alone: dict[str, float] = {}
     with reporter.task("timing residual blocks whole", len(blocks)) as advance:
         for b in blocks:
-            m, shape = modules[b.name], shapes[b.name]
-            key = "block|" + hashlib.sha256(f"{m!r}|{shape}".encode()).hexdigest()[:20]
+            m, in_shape = modules[b.name], shapes[b.name]
+            key = "block|" + hashlib.sha256(f"{m!r}|{in_shape}".encode()).hexdigest()[:20]
 
-            def timed(m=m, shape=shape, name=b.name) -> float:
-                runner = model_runner(_copy(m), target.backend, target.device, target.batch, shape, tmp,
+            def timed(m=m, in_shape=in_shape, name=b.name) -> float:
+                runner = model_runner(_copy(m), target.backend, target.device, target.batch, in_shape, tmp,
                                       "block-" + name.replace(".", "_"), target.threads)
                 try:
                     whole = float(np.median(time_runner(runner, 3, 10, 0.1)))
                 finally:
                     runner.close()
-                return max(0.0, whole - table.overhead((target.batch, *shape)))
-            whole = table.cached(key, timed)
-            own = sum(by_layer[n].cost(scaled, full) for n in b.layers)
-            b.overhead_ms = max(0.0, whole - own)
+                return max(0.0, whole - table.overhead((target.batch, *in_shape)))
+            alone[b.name] = table.cached(key, timed)
             advance()
-    total = sum(b.overhead_ms for b in blocks)
-    if total > offset_ms > 0:
-        for b in blocks:
-            b.overhead_ms *= offset_ms / total
-    elif offset_ms <= 0:
-        for b in blocks:
-            b.overhead_ms = 0.0
     table.save()
+    shallow = clone(parent)
+    remove_blocks(shallow, [b.name for b in blocks])
+    with reporter.task("measuring parent and a copy without the candidate blocks whole", None):
+        runner = model_runner(shallow, target.backend, target.device, target.batch, shape, tmp, "shallow", target.threads)
+        both = paired(parent_runner, runner, rounds=5)
+        runner.close()
+    measured = max(both["parent_ms"] - both["child_ms"], 0.0)
+    timed_sum = sum(alone.values())
+    factor = min(max(measured / timed_sum, 0.1), 2.0) if timed_sum > 0 else 1.0
+    for b in blocks:
+        own = sum(by_layer[n].cost(scaled, full) for n in b.layers)
+        b.overhead_ms = max(factor * alone[b.name] - own, -own)  # negative: its layers are modelled too dear
+    return {"blocks_alone_ms": round(timed_sum, 5), "blocks_removed_measured_ms": round(measured, 5),
+            "block_factor": round(factor, 4)}
 
 
 def _copy(m: nn.Module) -> nn.Module:
