@@ -109,24 +109,59 @@ class Plan:
         return self.parent_ms / self.predicted_ms
 
 
+@dataclass
+class Curve:
+    """Whole-model ms as a function of the layers' summed table cost: piecewise linear through measured
+    (sum, ms) points, extended past the ends with the end segments' slopes, never below 0. Layers timed
+    alone do not shrink as the network does (narrow layers keep costs a one-layer graph does not show), so
+    a straight line through the parent and a half-width copy overpromises at narrower widths; a third
+    point at the width floor bends the line where the plans go."""
+
+    points: list[tuple[float, float]]
+
+    def __post_init__(self):
+        pts = sorted((float(a), float(b)) for a, b in self.points)
+        if len(pts) == 1:
+            pts = [(0.0, 0.0)] + pts if pts[0][0] > 0 else pts + [(pts[0][0] + 1.0, pts[0][1] + 1.0)]
+        for i in range(1, len(pts)):  # more work never predicts less time (noise in the measured points)
+            pts[i] = (pts[i][0], max(pts[i][1], pts[i - 1][1]))
+        self.points = pts
+
+    @classmethod
+    def linear(cls, offset_ms: float, scale: float = 1.0) -> "Curve":
+        return cls([(0.0, offset_ms), (1.0, offset_ms + scale)])
+
+    def __call__(self, s: float) -> float:
+        pts = self.points
+        i = 1
+        while i < len(pts) - 1 and s > pts[i][0]:
+            i += 1
+        (a, fa), (b, fb) = pts[i - 1], pts[i]
+        slope = (fb - fa) / (b - a) if b > a else 0.0
+        return max(fa + slope * (s - a), 0.0)
+
+
 def predict(layers: list[Layer], widths: dict[str, int], cost: Cost, offset_ms: float,
-            removed: list[DepthBlock] | None = None) -> float:
+            removed: list[DepthBlock] | None = None, curve: Curve | None = None) -> float:
     removed = removed or []
+    curve = curve or Curve.linear(offset_ms)
     gone = {name for b in removed for name in b.layers}
-    return (offset_ms - sum(b.overhead_ms for b in removed)
-            + sum(layer.cost(cost, widths) for layer in layers if layer.name not in gone))
+    return curve(sum(layer.cost(cost, widths) for layer in layers if layer.name not in gone)) - sum(b.overhead_ms for b in removed)
 
 
 def plan_widths(groups: list[Group], layers: list[Layer], cost: Cost, budget_ms: float, offset_ms: float = 0.0,
                 tries: int = 4, on_step: Callable[[float], None] | None = None, best_effort: bool = False,
                 blocks: list[DepthBlock] | None = None, min_per_stage: int = 1,
-                stage_sizes: dict[str, int] | None = None) -> Plan:
+                stage_sizes: dict[str, int] | None = None,
+                prefetch: Callable[[list[tuple[str, int, int]]], None] | None = None, curve: Curve | None = None) -> Plan:
     """Greedy: until the predicted latency is within `budget_ms`, take the move with the least importance
     lost per ms saved. Width moves: for every group its next `tries` ladder widths and every ladder width
     within a quarter of its current width (all lower widths when none of those saves time). Depth moves:
     removing one of `blocks`, keeping `min_per_stage` blocks in each stage (`stage_sizes`: blocks per
     stage, removable or not). A budget out of reach is refused, or with `best_effort` answered with the
-    fastest plan found."""
+    fastest plan found. `prefetch(entries)` is told, before each step, the (signature, c_in, c_out) entries
+    that step will look up, so a backend that times many layers at once can. `curve` maps the layers'
+    summed cost to whole-model ms (default: `offset_ms` plus the sum)."""
     widths = {g.name: g.n for g in groups}
     by_group = {g.name: g for g in groups}
     touching: dict[str, list[Layer]] = {g.name: [] for g in groups}
@@ -141,15 +176,22 @@ def plan_widths(groups: list[Group], layers: list[Layer], cost: Cost, budget_ms:
         left.setdefault(b.stage, sum(1 for o in blocks if o.stage == b.stage))
     by_layer = {layer.name: layer for layer in layers}
     removed: list[DepthBlock] = []
-    parent_ms = predict(layers, widths, cost, offset_ms)
-    current = parent_ms
+    curve = curve or Curve.linear(offset_ms)
+    total = sum(layer.cost(cost, widths) for layer in layers)  # the layers' summed cost; the curve maps it to ms
+    parent_ms = current = curve(total)
     steps: list[dict] = []
+
+    def saving(d: float) -> float:
+        return curve(total) - curve(total - d)
     while current > budget_ms:
+        if prefetch is not None:
+            prefetch(_wanted(groups, widths, touching, tries))
         best = None
         for b in blocks:
             if b in removed or left[b.stage] <= min_per_stage:
                 continue
-            saved = b.overhead_ms + sum(by_layer[n].cost(cost, widths) for n in b.layers if n in by_layer)
+            d = sum(by_layer[n].cost(cost, widths) for n in b.layers if n in by_layer)
+            saved = b.overhead_ms + saving(d)
             if saved <= 0:
                 continue
             # what is left of the block: its own score (or its units' sum) less what width steps took already
@@ -158,27 +200,28 @@ def plan_widths(groups: list[Group], layers: list[Layer], cost: Cost, budget_ms:
             lost = max(whole - taken, 0.0)
             ratio = lost / saved
             if best is None or ratio < best[0] - 1e-12:
-                best = (ratio, b, None, saved, lost)
+                best = (ratio, b, None, saved, lost, d)
         for g in groups:
             w = widths[g.name]
             below = [k for k in g.ladder if k < w]
             # the next few widths, and every width within a quarter below: far enough to step over a
             # run of widths the hardware dislikes (e.g. 63..49 when 48 is fast)
-            near = sorted(set(below[-tries:]) | {k for k in below if k >= w - max(1, w // 4)})
+            near = _near(below, w, tries)
             here = sum(layer.cost(cost, widths) for layer in touching[g.name])
             for lower in (near, [k for k in below if k not in near]):  # look further only if nothing near saves
                 found = False
                 for k in lower:
                     trial = dict(widths)
                     trial[g.name] = k
-                    saved = here - sum(layer.cost(cost, trial) for layer in touching[g.name])
-                    if saved <= 0:
+                    d = here - sum(layer.cost(cost, trial) for layer in touching[g.name])
+                    saved = saving(d)
+                    if d <= 0 or saved <= 0:
                         continue
                     found = True
                     lost = float(g.sorted_scores[g.n - w:g.n - k].sum())  # the next (w - k) least important units
                     ratio = lost / saved
                     if best is None or ratio < best[0] - 1e-12 or (abs(ratio - best[0]) <= 1e-12 and saved > best[3]):
-                        best = (ratio, g.name, k, saved, lost)
+                        best = (ratio, g.name, k, saved, lost, d)
                 if found:
                     break
         if best is None:
@@ -186,7 +229,7 @@ def plan_widths(groups: list[Group], layers: list[Layer], cost: Cost, budget_ms:
                 break  # the fastest plan the table knows; the caller measures whether it is enough
             raise UserError(f"the latency target {budget_ms:.4g} ms cannot be reached: no further width or depth reduction is "
                             f"predicted to save time below {current:.4g} ms (parent {parent_ms:.4g} ms); ask for less speedup")
-        _, what, k, saved, lost = best
+        _, what, k, saved, lost, d = best
         if isinstance(what, DepthBlock):
             removed.append(what)
             left[what.stage] -= 1
@@ -196,10 +239,27 @@ def plan_widths(groups: list[Group], layers: list[Layer], cost: Cost, budget_ms:
         else:
             steps.append({"group": what, "from": widths[what], "to": k, "saved_ms": saved, "importance_lost": lost})
             widths[what] = k
-        current -= saved
+        total -= d
+        current = curve(total) - sum(b.overhead_ms for b in removed)
         if on_step is not None:
             on_step(current)
-    return Plan(widths, predict(layers, widths, cost, offset_ms, removed), parent_ms, steps, [b.name for b in removed])
+    return Plan(widths, predict(layers, widths, cost, offset_ms, removed, curve), parent_ms, steps, [b.name for b in removed])
+
+
+def _near(below: list[int], w: int, tries: int) -> list[int]:
+    return sorted(set(below[-tries:]) | {k for k in below if k >= w - max(1, w // 4)})
+
+
+def _wanted(groups: list[Group], widths: dict[str, int], touching: dict[str, list[Layer]], tries: int) -> list[tuple[str, int, int]]:
+    """Every entry a step looks up first: each group's near widths in the layers it touches."""
+    out = []
+    for g in groups:
+        w = widths[g.name]
+        for k in _near([k for k in g.ladder if k < w], w, tries) + [w]:
+            trial = dict(widths)
+            trial[g.name] = k
+            out += [(layer.signature, *layer.widths(trial)) for layer in touching[g.name]]
+    return out
 
 
 def removal_indices(group: Group, keep: int) -> list[int]:

@@ -77,10 +77,11 @@ class Reporter:
                 progress.remove_task(tid)
 
     def log(self, msg: str) -> None:
+        """One line of progress (an attempt, a cell): nothing when quiet."""
         if self.enabled:
             console.print(msg)
-        else:
-            print(msg, file=sys.stderr)
+        elif self.lines:
+            print(msg, file=sys.stderr, flush=True)
 
 
 QUIET = Reporter(enabled=False)

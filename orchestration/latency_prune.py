@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from compressor.data import Dataset
 from compressor.errors import TargetNotReached, UserError
-from compressor.latency_plan import DepthBlock, Group, Layer, ladder, plan_widths, removal_indices
+from compressor.latency_plan import Curve, DepthBlock, Group, Layer, ladder, plan_widths, removal_indices
 from compressor.layers import find_blocks, removable, score_blocks
 from compressor.modeldir import LoadedModel, ModelRecord, remove_blocks, run_info
 from compressor.models import clone
@@ -102,8 +102,9 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
     with tempfile.TemporaryDirectory(prefix="compress-latency-") as tmp:
         fit = _calibrate(parent, spec, groups, layers, table, target, Path(tmp), reporter)
         parent_runner, parent_ms = fit.pop("parent_runner"), fit["parent_ms"]
-        scaled = lambda sig, c_in, c_out: fit["scale"] * table(sig, c_in, c_out)  # noqa: E731
-        fit.update(_block_overheads(parent, shape, blocks, layers, {g.name: g.n for g in groups}, scaled, table,
+        curve = Curve([(fit["layers_floor_ms"], fit["floor_width_ms"]), (fit["layers_half_ms"], fit["half_width_ms"]),
+                       (fit["layers_parent_ms"], parent_ms)])
+        fit.update(_block_overheads(parent, shape, blocks, layers, {g.name: g.n for g in groups}, curve, table,
                                     parent_runner, target, Path(tmp), reporter))
         if target.speedup is not None:
             goal_ms = parent_ms / target.speedup
@@ -120,9 +121,10 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
         for attempt in range(target.iterations):
             with reporter.task(f"latency-aware widths, attempt {attempt + 1} (ms predicted)", None) as advance:
                 table.on_measure = lambda: advance(0, info=f"{table.measured} layers measured")
-                plan = plan_widths(groups, layers, scaled, budget, fit["offset_ms"], best_effort=True,
+                plan = plan_widths(groups, layers, table, budget, best_effort=True, curve=curve,
                                    on_step=lambda ms: advance(1, info=f"{ms:.3f} ms, {table.measured} layers measured"),
-                                   blocks=blocks, min_per_stage=target.min_blocks_per_stage, stage_sizes=stage_sizes)
+                                   blocks=blocks, min_per_stage=target.min_blocks_per_stage, stage_sizes=stage_sizes,
+                                   prefetch=table.prefetch)
             table.on_measure = None
             table.save()
             child, changed = _with_widths(parent, spec, groups, plan.widths, plan.removed)
@@ -285,7 +287,7 @@ def _score_blocks(parent: nn.Module, blocks: list[DepthBlock], cfg: WidthConfig,
 
 
 def _block_overheads(parent: nn.Module, shape: tuple[int, int, int], blocks: list[DepthBlock], layers: list[Layer],
-                     full: dict[str, int], scaled, table: LayerLatency, parent_runner, target: LatencyTarget,
+                     full: dict[str, int], curve: Curve, table: LayerLatency, parent_runner, target: LatencyTarget,
                      tmp: Path, reporter: Reporter) -> dict:
     """What removing each block saves beyond its layers' modelled cost. Each block is timed whole on the
     target (identical blocks once, cached with the table), less the runtime's per-call cost; a block timed
@@ -322,8 +324,9 @@ def _block_overheads(parent: nn.Module, shape: tuple[int, int, int], blocks: lis
     measured = max(both["parent_ms"] - both["child_ms"], 0.0)
     timed_sum = sum(alone.values())
     factor = min(max(measured / timed_sum, 0.1), 2.0) if timed_sum > 0 else 1.0
+    total = sum(layer.cost(table, full) for layer in layers)
     for b in blocks:
-        own = sum(by_layer[n].cost(scaled, full) for n in b.layers)
+        own = curve(total) - curve(total - sum(by_layer[n].cost(table, full) for n in b.layers))
         b.overhead_ms = max(factor * alone[b.name] - own, -own)  # negative: its layers are modelled too dear
     return {"blocks_alone_ms": round(timed_sum, 5), "blocks_removed_measured_ms": round(measured, 5),
             "block_factor": round(factor, 4)}
@@ -354,33 +357,37 @@ def _block_inputs(model: nn.Module, shape: tuple[int, int, int], paths: list[str
 
 
 def _calibrate(parent, spec, groups, layers, table, target, tmp: Path, reporter) -> dict:
-    """Fit whole-model latency = offset + scale * (sum of the layers measured alone) from the parent and a
-    uniformly half-width copy, both measured whole on the target: layers timed alone miss graph-level
-    fusion and layout work, and the rest of the network (adds, pooling, overhead) is not in the sum."""
+    """Measure the parent, a uniformly half-width copy and a copy at every group's width floor whole on the
+    target, with the layers' table sums at those widths: the points of the curve (latency_plan.Curve) from
+    summed layer cost to whole-model ms. Layers timed alone miss graph-level fusion, layout work and what
+    narrow layers still cost inside a network; the rest of the network (adds, pooling, dispatch) is in no
+    layer's entry."""
     shape = (spec.channels, spec.height, spec.width)
-    half_widths = {g.name: min(g.ladder, key=lambda k: abs(k - g.n / 2)) for g in groups}
-    half, _ = _with_widths(parent, spec, groups, half_widths)
     full = {g.name: g.n for g in groups}
-    with reporter.task("latency table: parent and half-width layers", 2 * len(layers)) as advance:
-        s_full = s_half = 0.0
+    half_widths = {g.name: min(g.ladder, key=lambda k: abs(k - g.n / 2)) for g in groups}
+    floor_widths = {g.name: g.ladder[0] for g in groups}
+    points = (full, half_widths, floor_widths)
+    table.prefetch([(layer.signature, *layer.widths(w)) for layer in layers for w in points])
+    sums = [0.0, 0.0, 0.0]
+    with reporter.task("latency table: parent, half-width and floor-width layers", 3 * len(layers)) as advance:
         for layer in layers:
-            s_full += table(layer.signature, *layer.widths(full))
-            advance()
-            s_half += table(layer.signature, *layer.widths(half_widths))
-            advance()
-    with reporter.task("measuring parent and half-width copy whole", None):
+            for i, w in enumerate(points):
+                sums[i] += table(layer.signature, *layer.widths(w))
+                advance()
+    with reporter.task("measuring parent, half-width and floor-width copies whole", None):
         parent_runner = model_runner(clone(parent), target.backend, target.device, target.batch, shape, tmp, "parent",
                                      target.threads)
-        half_runner = model_runner(half, target.backend, target.device, target.batch, shape, tmp, "half", target.threads)
-        both = paired(parent_runner, half_runner, rounds=5)
-        half_runner.close()
-    p_ms, h_ms = both["parent_ms"], both["child_ms"]
-    scale = (p_ms - h_ms) / (s_full - s_half) if s_full > s_half else 1.0
-    scale = min(max(scale, 0.1), 10.0)
-    offset = max(p_ms - scale * s_full, 0.0)
-    scale = (p_ms - offset) / s_full if s_full > 0 else scale
-    return {"parent_runner": parent_runner, "parent_ms": p_ms, "half_width_ms": h_ms, "layers_parent_ms": s_full,
-            "layers_half_ms": s_half, "scale": scale, "offset_ms": offset}
+        measured = []
+        for name, w in (("half", half_widths), ("floor", floor_widths)):
+            copy, _ = _with_widths(parent, spec, groups, w)
+            runner = model_runner(copy, target.backend, target.device, target.batch, shape, tmp, name, target.threads)
+            measured.append(paired(parent_runner, runner, rounds=5))
+            runner.close()
+    p_ms = measured[0]["parent_ms"]
+    h_ms = measured[0]["child_ms"]
+    f_ms = measured[1]["child_ms"] * p_ms / measured[1]["parent_ms"]  # the parent's own drift between the two
+    return {"parent_runner": parent_runner, "parent_ms": p_ms, "half_width_ms": h_ms, "floor_width_ms": f_ms,
+            "layers_parent_ms": sums[0], "layers_half_ms": sums[1], "layers_floor_ms": sums[2]}
 
 
 def _layers(model: nn.Module, pruner, infos, ops, table: LayerLatency) -> list[Layer]:

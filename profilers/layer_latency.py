@@ -121,6 +121,41 @@ def _input_shape(op: OpShape, batch: int, c_in: int) -> tuple[int, ...]:
     return (batch, c_in, *op.spatial) if op.kind == "conv" else (batch, *op.spatial, c_in)
 
 
+def _op_nodes(op: OpShape, c_in: int, c_out: int, p: str = "") -> tuple[list, list]:
+    """ONNX nodes and initializers computing one layer from tensor `{p}x` into `{p}y` (names prefixed with
+    `p`, so several layers can share one graph)."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    x, y = f"{p}x", f"{p}y"
+    if op.kind == "attention":  # q = k = v = x: the same shapes and work as the real core
+        scale = numpy_helper.from_array(np.array(op.kernel[0] ** -0.5, np.float32), f"{p}scale")
+        return [helper.make_node("Transpose", [x], [f"{p}xt"], perm=[0, 1, 3, 2], name=f"{p}t"),
+                helper.make_node("MatMul", [x, f"{p}xt"], [f"{p}s"], name=f"{p}qk"),
+                helper.make_node("Mul", [f"{p}s", f"{p}scale"], [f"{p}ss"], name=f"{p}mul"),
+                helper.make_node("Softmax", [f"{p}ss"], [f"{p}p"], axis=-1, name=f"{p}softmax"),
+                helper.make_node("MatMul", [f"{p}p", x], [y], name=f"{p}pv")], [scale]
+    if op.kind == "conv":
+        out_c = c_in if op.depthwise else c_out
+        groups = c_in if op.depthwise else 1
+        w = rng.standard_normal((out_c, c_in // groups, *op.kernel)).astype(np.float32) * 0.01
+        inits = [numpy_helper.from_array(w, f"{p}w")]
+        ins = [x, f"{p}w"]
+        if op.bias:
+            inits.append(numpy_helper.from_array(np.zeros(out_c, np.float32), f"{p}b"))
+            ins.append(f"{p}b")
+        pads = list(op.padding) * 2
+        return [helper.make_node("Conv", ins, [y], kernel_shape=list(op.kernel), strides=list(op.stride),
+                                 pads=pads, dilations=list(op.dilation), group=groups, name=f"{p}conv")], inits
+    w = rng.standard_normal((c_in, c_out)).astype(np.float32) * 0.01
+    inits = [numpy_helper.from_array(w, f"{p}w")]
+    ns = [helper.make_node("MatMul", [x, f"{p}w"], [y if not op.bias else f"{p}m"], name=f"{p}matmul")]
+    if op.bias:
+        inits.append(numpy_helper.from_array(np.zeros(c_out, np.float32), f"{p}b"))
+        ns.append(helper.make_node("Add", [f"{p}m", f"{p}b"], [y], name=f"{p}add"))
+    return ns, inits
+
+
 class _OrtTimer:
     """One-node ONNX graphs built directly with onnx.helper (exporting each layer through torch.onnx would
     take seconds per entry; a table needs hundreds)."""
@@ -149,39 +184,8 @@ class _OrtTimer:
         return ort.InferenceSession(self._graph(node_fn, x_shape), sess_options=so, providers=["CPUExecutionProvider"])
 
     def op(self, op: OpShape, batch: int, c_in: int, c_out: int, min_time_s: float) -> float:
-        from onnx import helper, numpy_helper
-
-        rng = np.random.default_rng(0)
         x_shape = _input_shape(op, batch, c_in)
-
-        def nodes():
-            if op.kind == "attention":  # q = k = v = x: the same shapes and work as the real core
-                scale = numpy_helper.from_array(np.array(op.kernel[0] ** -0.5, np.float32), "scale")
-                return [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 1, 3, 2]),
-                        helper.make_node("MatMul", ["x", "xt"], ["s"]), helper.make_node("Mul", ["s", "scale"], ["ss"]),
-                        helper.make_node("Softmax", ["ss"], ["p"], axis=-1),
-                        helper.make_node("MatMul", ["p", "x"], ["y"])], [scale]
-            if op.kind == "conv":
-                out_c = c_in if op.depthwise else c_out
-                groups = c_in if op.depthwise else 1
-                w = rng.standard_normal((out_c, c_in // groups, *op.kernel)).astype(np.float32) * 0.01
-                inits = [numpy_helper.from_array(w, "w")]
-                ins = ["x", "w"]
-                if op.bias:
-                    inits.append(numpy_helper.from_array(np.zeros(out_c, np.float32), "b"))
-                    ins.append("b")
-                pads = list(op.padding) * 2
-                return [helper.make_node("Conv", ins, ["y"], kernel_shape=list(op.kernel), strides=list(op.stride),
-                                         pads=pads, dilations=list(op.dilation), group=groups)], inits
-            w = rng.standard_normal((c_in, c_out)).astype(np.float32) * 0.01
-            inits = [numpy_helper.from_array(w, "w")]
-            ns = [helper.make_node("MatMul", ["x", "w"], ["y" if not op.bias else "m"])]
-            if op.bias:
-                inits.append(numpy_helper.from_array(np.zeros(c_out, np.float32), "b"))
-                ns.append(helper.make_node("Add", ["m", "b"], ["y"]))
-            return ns, inits
-
-        return _time(self._session(nodes, x_shape), x_shape, min_time_s)
+        return _time(self._session(lambda: _op_nodes(op, c_in, c_out), x_shape), x_shape, min_time_s)
 
     def overhead(self, shape: tuple[int, ...], min_time_s: float) -> float:
         from onnx import helper
@@ -191,7 +195,13 @@ class _OrtTimer:
 
 
 class _OvTimer(_OrtTimer):
-    """The same one-node graphs, compiled by OpenVINO in f32 on its CPU/GPU/NPU device."""
+    """The same graphs compiled by OpenVINO in f32 on its CPU/GPU/NPU device. Compiling costs ~0.6 s a model
+    on 2 cores (a 224x224 network's table needs thousands of entries), so entries are timed many to a
+    compiled model: each layer its own input and output, its time read from OpenVINO's per-node
+    performance counters (PERF_COUNT) rather than the wall clock. A node's counter is its kernel's own
+    time, without the per-call cost of a request, which is what a layer costs inside a whole network."""
+
+    CHUNK = 48  # layers per compiled model
 
     def __init__(self, device: str, threads: int | None):
         from exporters.openvino_export import require_openvino
@@ -207,6 +217,63 @@ class _OvTimer(_OrtTimer):
         compiled = compile_model_object(self.ov.convert_model(io.BytesIO(self._graph(node_fn, x_shape))), self.device,
                                         "f32", self.threads)
         return _OvSession(compiled)
+
+    def op(self, op: OpShape, batch: int, c_in: int, c_out: int, min_time_s: float) -> float:
+        return self.many([(op, batch, c_in, c_out)], min_time_s)[0]
+
+    def many(self, jobs: list[tuple[OpShape, int, int, int]], min_time_s: float) -> list[float]:
+        out: list[float] = []
+        for i in range(0, len(jobs), self.CHUNK):
+            out += self._chunk(jobs[i:i + self.CHUNK], min_time_s)
+        return out
+
+    def _chunk(self, jobs: list[tuple[OpShape, int, int, int]], min_time_s: float) -> list[float]:
+        import io
+
+        from onnx import TensorProto, helper
+
+        from exporters.openvino_export import compile_model_object
+
+        nodes, inits, ins, outs, feeds = [], [], [], [], {}
+        rng = np.random.default_rng(1)
+        for i, (op, batch, c_in, c_out) in enumerate(jobs):
+            p = f"e{i}_"
+            n, w = _op_nodes(op, c_in, c_out, p)
+            nodes += n
+            inits += w
+            shape = list(_input_shape(op, batch, c_in))
+            ins.append(helper.make_tensor_value_info(f"{p}x", TensorProto.FLOAT, shape))
+            outs.append(helper.make_tensor_value_info(f"{p}y", TensorProto.FLOAT, None))
+            feeds[f"{p}x"] = rng.standard_normal(shape).astype(np.float32)
+        graph = helper.make_graph(nodes, "ops", ins, outs, inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        compiled = compile_model_object(self.ov.convert_model(io.BytesIO(model.SerializeToString())), self.device, "f32",
+                                        self.threads, profiling=True)
+        request = compiled.create_infer_request()
+        prefixes = [f"e{i}_" for i in range(len(jobs))]
+        runs: list[list[float]] = []
+        for _ in range(2):
+            request.infer(feeds)
+        t_end = time.perf_counter() + min_time_s * len(jobs) ** 0.5
+        while len(runs) < 7 or (time.perf_counter() < t_end and len(runs) < 200):
+            request.infer(feeds)
+            runs.append(_per_prefix(request.profiling_info, prefixes))
+        return [float(np.median([r[i] for r in runs])) for i in range(len(jobs))]
+
+
+def _per_prefix(info, prefixes: list[str]) -> list[float]:
+    """ms of the executed nodes whose names start with each prefix (the layout reorders a plugin adds at
+    a graph's inputs and outputs are named after the tensors they convert, and so counted with their
+    layer, as the one-node timing did)."""
+    total = dict.fromkeys(prefixes, 0.0)
+    for node in info:
+        if str(node.status).endswith("EXECUTED") and not str(node.status).endswith("NOT_EXECUTED"):
+            name = node.node_name
+            p = name[:name.index("_") + 1] if "_" in name else ""
+            if p in total:
+                total[p] += node.real_time.total_seconds() * 1000.0
+    return list(total.values())
 
 
 class _OvSession:
@@ -317,7 +384,8 @@ def fingerprint(backend: str, device: str, batch: int, threads: int | None) -> d
     gpu = (m.get("gpu") or {}).get("name") if device == "cuda" else None
     return {"cpu": m["cpu"].get("model"), "cpus": m["cpu"].get("usable_cpus"), "gpu": gpu, "backend": backend,
             "device": device, "batch": batch, "threads": threads,
-            "versions": {k: m["versions"].get(k) for k in ("torch", "onnxruntime", "openvino", "tensorrt")}, "format": 1}
+            "versions": {k: m["versions"].get(k) for k in ("torch", "onnxruntime", "openvino", "tensorrt")}, "format": 1,
+            **({"timing": "node-counters"} if backend == "openvino" else {})}
 
 
 class LayerLatency:
@@ -375,14 +443,34 @@ class LayerLatency:
             return self.entries[entry]
         op = self.ops[key]
         t0 = time.perf_counter()
-        shape = _input_shape(op, self.batch, c_in)
-        ms = max(0.0, self.timer.op(op, self.batch, c_in, c_out, self.min_time_s) - self.overhead(shape))
+        ms = self.timer.op(op, self.batch, c_in, c_out, self.min_time_s)
+        if not isinstance(self.timer, _OvTimer):  # wall clock: less the per-call cost (node counters have none)
+            ms = max(0.0, ms - self.overhead(_input_shape(op, self.batch, c_in)))
         self.measure_s += time.perf_counter() - t0
         self.entries[entry] = ms
         self.measured += 1
         if self.on_measure is not None:
             self.on_measure()
         return ms
+
+    def prefetch(self, wanted: list[tuple[str, int, int]]) -> None:
+        """Measure the entries a planning step is about to ask for, together where the backend times many
+        layers per compiled model (OpenVINO); elsewhere they are measured one by one when asked."""
+        if not isinstance(self.timer, _OvTimer):
+            return
+        missing = list(dict.fromkeys(w for w in wanted if f"{w[0]}|{w[1]}|{w[2]}" not in self.entries))
+        if not missing:
+            return
+        t0 = time.perf_counter()
+        for start in range(0, len(missing), _OvTimer.CHUNK):
+            chunk = missing[start:start + _OvTimer.CHUNK]
+            times = self.timer.many([(self.ops[k], self.batch, ci, co) for k, ci, co in chunk], self.min_time_s)
+            for (k, ci, co), ms in zip(chunk, times):
+                self.entries[f"{k}|{ci}|{co}"] = ms
+            self.measured += len(chunk)
+            if self.on_measure is not None:
+                self.on_measure()
+        self.measure_s += time.perf_counter() - t0
 
     def overhead(self, shape: tuple[int, ...]) -> float:
         """The backend's per-call cost (an Identity) on an input of this shape, in ms."""

@@ -193,3 +193,26 @@ def test_progress_lines_on_a_log(capsys):
     with quiet.task("silent", 1) as advance:
         advance()
     assert capsys.readouterr().err == ""
+
+
+def test_calibration_curve_interpolates_and_bends():
+    """Through measured (layer sum, whole ms) points; past the ends along the end slopes, never below 0;
+    a noisy point that would make more work faster is lifted; the planner's prediction follows it."""
+    from compressor.latency_plan import Curve
+
+    c = Curve([(10.0, 4.0), (2.0, 2.0), (5.0, 3.0)])  # floor, half, parent out of order
+    assert c(5.0) == pytest.approx(3.0) and c(7.5) == pytest.approx(3.5) and c(12.0) == pytest.approx(4.4)
+    assert c(0.0) == pytest.approx(4 / 3) and c(-100.0) == 0.0
+    assert Curve([(1.0, 2.0), (2.0, 1.5)])(2.0) == pytest.approx(2.0)
+
+    def cost(sig, c_in, c_out):
+        return 1e-3 * c_in * c_out
+
+    groups, layers, _ = _resnet_like()
+    full = sum(layer.cost(cost, {g.name: g.n for g in groups}) for layer in layers)
+    bent = Curve([(0.2 * full, 0.6), (full, 1.0)])  # narrow layers keep most of their cost
+    plan = plan_widths(groups, layers, cost, 0.8, curve=bent)
+    assert plan.parent_ms == pytest.approx(1.0) and plan.predicted_ms <= 0.8
+    assert plan.predicted_ms == pytest.approx(bent(sum(layer.cost(cost, plan.widths) for layer in layers)))
+    straight = plan_widths(groups, layers, cost, 0.8 * full)
+    assert sum(plan.widths.values()) < sum(straight.widths.values())  # the bend asks for more cutting

@@ -129,9 +129,9 @@ def test_end_to_end_latency_aware_prune(cli, cnn_parent, tmp_path):
     """A real measured table on this CPU; the command reports predicted and measured speedups and records
     them; the written child reloads. (Whether the target is met is the benchmark's business.)"""
     out = tmp_path / "fast"
-    code, text, err = cli("prune", "--model", cnn_parent, "--target-speedup", "1.3", "--latency-batch", "8",
-                          "--latency-cache", tmp_path / "cache", "--latency-rounds", "3", "--latency-iterations", "1", "--threads", "1",
-                          "--out", out, "-q", expect=None)
+    code, text, err = cli("prune", "--model", cnn_parent, "--metric", "taylor", "--calib-size", "64", "--target-speedup", "1.3",
+                          "--latency-batch", "8", "--latency-cache", tmp_path / "cache", "--latency-rounds", "3",
+                          "--latency-iterations", "1", "--threads", "1", "--out", out, "-q", expect=None)
     if code == 2:  # a target this machine cannot reach is refused in one line, nothing written
         assert ("cannot be reached" in err or "not reached" in err) and err.count("\n") == 1 and not out.exists()
         return
@@ -141,6 +141,9 @@ def test_end_to_end_latency_aware_prune(cli, cnn_parent, tmp_path):
     lat = rec["lineage"][-1]["metrics"]["latency"]
     assert lat["predicted_speedup"] >= 1.3 and lat["measured_parent_ms"] > 0 and len(lat["speedup_ci"]) == 2
     assert list((tmp_path / "cache").glob("latency-onnxruntime-cpu-b8-*.json"))
+    # depth is on: every removable block was timed and scored (Taylor), and what was removed is recorded
+    assert rec["lineage"][-1]["settings"]["depth"] is True and lat["blocks"] and "block_factor" in lat["calibration"]
+    assert rec["removed_blocks"] == lat["removed_blocks"]
     cli("info", out)
 
 

@@ -178,3 +178,36 @@ def test_openvino_latency_entry_grows_with_width():
     small, big = t(key, 4, 4), t(key, 64, 64)
     assert 0 <= small < big
     assert t.print["versions"]["openvino"] and t.print["backend"] == "openvino"
+
+
+@needs_openvino
+def test_openvino_table_times_many_layers_per_compile(monkeypatch):
+    """A planning step's entries are compiled together (one model per 48 layers) and each read from the
+    node counters: one compile for a dozen entries, each positive, a wider layer dearer, the attention core
+    timed too, and the counters' table is cached apart from wall-clock ones."""
+    import exporters.openvino_export as ove
+    from profilers.layer_latency import LayerLatency, OpShape
+
+    compiles = []
+    real = ove.compile_model_object
+
+    def counting(*a, **k):
+        compiles.append(k.get("profiling", False))
+        return real(*a, **k)
+
+    monkeypatch.setattr(ove, "compile_model_object", counting)
+    t = LayerLatency("openvino", "cpu", 4, 1, None, min_time_s=0.01)
+    conv = t.register(OpShape("conv", (3, 3), (1, 1), (1, 1), (1, 1), False, (16, 16), True))
+    dw = t.register(OpShape("conv", (3, 3), (1, 1), (1, 1), (1, 1), True, (16, 16), False))
+    lin = t.register(OpShape("linear", spatial=(16,), bias=True))
+    core = t.register(OpShape("attention", kernel=(8,), spatial=(16,), bias=False))
+    wanted = [(conv, c, c) for c in (8, 16, 32, 64)] + [(dw, c, c) for c in (8, 32)] + [(lin, 32, c) for c in (16, 64)]
+    wanted += [(core, h, h) for h in (1, 4)]
+    t.prefetch(wanted + wanted[:3])  # duplicates are measured once
+    assert compiles == [True] and t.measured == len(wanted)
+    before = len(compiles)
+    values = [t(*w) for w in wanted]  # all cached now: no further compile
+    assert len(compiles) == before and all(v > 0 for v in values)
+    assert t(conv, 64, 64) > t(conv, 8, 8) and t(core, 4, 4) > t(core, 1, 1)
+    assert t.print.get("timing") == "node-counters"
+    assert "timing" not in LayerLatency("onnxruntime", "cpu", 4, 1, None).print
