@@ -326,6 +326,9 @@ def _latency_aware(lm, ds, cfg, target: LatencyTarget, calib_size, dev, rep, set
                   "--allow-busy was given (recorded in model.json)", style="bold red")
     if summary.removed_blocks:
         out.print(f"removed blocks: {', '.join(summary.removed_blocks)}")
+    cut = [f"{g} {a}->{b}" for g, (a, b) in p["widths"].items() if a != b]
+    if cut:
+        out.print(f"widths: {', '.join(cut[:6])}" + (f" and {len(cut) - 6} more (model.json)" if len(cut) > 6 else ""))
     if summary.heads:
         out.print("attention heads per block: " + ", ".join(f"{v[0]} -> {v[1]}" for v in summary.heads.values()))
     if summary.slower:

@@ -97,6 +97,12 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
     groups = [Group(i.name, i.n_units, scores[i.name],  # `round_to` counts channels, not heads
                     ladder(i.n_units, None if i.kind == "head" else cfg.round_to, min_fraction=target.min_fraction))
               for i in infos]
+    if table.batched:
+        with reporter.task("latency table: every layer on a grid of widths", None) as advance:
+            table.on_measure = lambda: advance(0, info=f"{table.measured} entries measured")
+            table.use_grid(_grid_axes(layers, groups))
+            table.on_measure = None
+        table.save()
     blocks, stage_sizes = _depth_blocks(parent, layers, target) if target.depth else ([], {})
     _score_blocks(parent, blocks, cfg, calib, spec, device, reporter)
     with tempfile.TemporaryDirectory(prefix="compress-latency-") as tmp:
@@ -252,6 +258,20 @@ def _with_widths(parent, spec, groups: list[Group], widths: dict[str, int], remo
 
 def _inside(group: str, removed: list[str], blocks: list[DepthBlock]) -> bool:
     return any(group in b.groups for b in blocks if b.name in removed)
+
+
+def _grid_axes(layers: list[Layer], groups: list[Group]) -> dict[str, tuple[list[int], list[int], bool]]:
+    """Per layer signature, every input and output width its layers can take (ladder x unit, or fixed),
+    and whether in and out move together (depthwise, attention cores)."""
+    ladders = {g.name: g.ladder for g in groups}
+    axes: dict[str, tuple[list[int], list[int], bool]] = {}
+    for layer in layers:
+        ins = [k * layer.in_unit for k in ladders[layer.in_group]] if layer.in_group else [layer.in_fixed]
+        outs = [k * layer.out_unit for k in ladders[layer.out_group]] if layer.out_group else [layer.out_fixed]
+        diagonal = layer.depthwise or (layer.in_group is not None and layer.in_group == layer.out_group)
+        a = axes.get(layer.signature, ([], [], diagonal))
+        axes[layer.signature] = (a[0] + ins, a[1] + (ins if diagonal else outs), diagonal)
+    return axes
 
 
 def _depth_blocks(model: nn.Module, layers: list[Layer], target: LatencyTarget) -> tuple[list[DepthBlock], dict[str, int]]:

@@ -388,6 +388,16 @@ def fingerprint(backend: str, device: str, batch: int, threads: int | None) -> d
             **({"timing": "node-counters"} if backend == "openvino" else {})}
 
 
+GRID_POINTS = 6  # widths per axis a batched backend measures per layer signature
+
+
+def _spread(values: list[int], n: int) -> list[int]:
+    """n of the values, evenly spaced by index, the smallest and largest included."""
+    if len(values) <= n:
+        return values
+    return sorted({values[round(i * (len(values) - 1) / (n - 1))] for i in range(n)})
+
+
 class LayerLatency:
     """cost(op_key, c_in, c_out) in ms, measured lazily and cached. Call save() to keep new entries."""
 
@@ -418,6 +428,7 @@ class LayerLatency:
         else:
             self.timer = _TorchTimer(device, threads)
         self.entries: dict[str, float] = {}
+        self.grids: dict[str, tuple[list[int], list[int], bool]] = {}  # signature -> interpolation grid
         self.overheads: dict[str, float] = {}
         self.ops: dict[str, OpShape] = {}
         self.measured = self.hits = 0
@@ -441,6 +452,9 @@ class LayerLatency:
         if entry in self.entries:
             self.hits += 1
             return self.entries[entry]
+        if key in self.grids:
+            self.hits += 1
+            return self._interpolated(key, c_in, c_out)
         op = self.ops[key]
         t0 = time.perf_counter()
         ms = self.timer.op(op, self.batch, c_in, c_out, self.min_time_s)
@@ -453,12 +467,51 @@ class LayerLatency:
             self.on_measure()
         return ms
 
-    def prefetch(self, wanted: list[tuple[str, int, int]]) -> None:
+    @property
+    def batched(self) -> bool:
+        """Times many layers per compiled model (OpenVINO): measuring is cheap in bulk, dear one by one."""
+        return isinstance(self.timer, _OvTimer)
+
+    def use_grid(self, axes: dict[str, tuple[list[int], list[int], bool]], points: int = GRID_POINTS) -> None:
+        """Measure each signature on a coarse grid of the (c_in, c_out) its layers can take (`points` widths
+        per axis, the ends included; along the diagonal for depthwise layers and attention cores) in bulk,
+        and answer every other width by bilinear interpolation between grid entries. For a batched backend a
+        planning step's few new entries would otherwise cost a compile each (minutes on a 224x224 network)."""
+        wanted = []
+        for key, (ins, outs, diagonal) in axes.items():
+            xs = _spread(sorted(set(ins)), points)
+            ys = xs if diagonal else _spread(sorted(set(outs)), points)
+            self.grids[key] = (xs, ys, diagonal)
+            wanted += [(key, x, x) for x in xs] if diagonal else [(key, x, y) for x in xs for y in ys]
+        self.prefetch(wanted, exact=True)
+
+    def _interpolated(self, key: str, c_in: int, c_out: int) -> float:
+        xs, ys, diagonal = self.grids[key]
+
+        def at(x: int, y: int) -> float:
+            return self.entries[f"{key}|{x}|{y}"]
+
+        def bracket(vals: list[int], v: int) -> tuple[int, int, float]:
+            v = min(max(v, vals[0]), vals[-1])
+            j = next((i for i, a in enumerate(vals) if a >= v), len(vals) - 1)
+            lo, hi = vals[max(j - 1, 0)], vals[j]
+            return lo, hi, (v - lo) / (hi - lo) if hi > lo else 0.0
+
+        x0, x1, tx = bracket(xs, c_in)
+        if diagonal:
+            return (1 - tx) * at(x0, x0) + tx * at(x1, x1)
+        y0, y1, ty = bracket(ys, c_out)
+        return ((1 - tx) * (1 - ty) * at(x0, y0) + tx * (1 - ty) * at(x1, y0) + (1 - tx) * ty * at(x0, y1)
+                + tx * ty * at(x1, y1))
+
+    def prefetch(self, wanted: list[tuple[str, int, int]], exact: bool = False) -> None:
         """Measure the entries a planning step is about to ask for, together where the backend times many
-        layers per compiled model (OpenVINO); elsewhere they are measured one by one when asked."""
-        if not isinstance(self.timer, _OvTimer):
+        layers per compiled model (OpenVINO); elsewhere they are measured one by one when asked. Entries a
+        grid answers are not measured unless `exact`."""
+        if not self.batched:
             return
-        missing = list(dict.fromkeys(w for w in wanted if f"{w[0]}|{w[1]}|{w[2]}" not in self.entries))
+        missing = list(dict.fromkeys(w for w in wanted if f"{w[0]}|{w[1]}|{w[2]}" not in self.entries
+                                     and (exact or w[0] not in self.grids)))
         if not missing:
             return
         t0 = time.perf_counter()
