@@ -186,7 +186,8 @@ def plan_widths(groups: list[Group], layers: list[Layer], cost: Cost, budget_ms:
     while current > budget_ms:
         if prefetch is not None:
             prefetch(_wanted(groups, widths, touching, tries))
-        best = None
+        # (importance lost per ms saved, a block or a group's name, the group's new width, ms saved, lost, layer sum saved)
+        best: tuple[float, DepthBlock | str, int, float, float, float] | None = None
         for b in blocks:
             if b in removed or left[b.stage] <= min_per_stage:
                 continue
@@ -200,7 +201,7 @@ def plan_widths(groups: list[Group], layers: list[Layer], cost: Cost, budget_ms:
             lost = max(whole - taken, 0.0)
             ratio = lost / saved
             if best is None or ratio < best[0] - 1e-12:
-                best = (ratio, b, None, saved, lost, d)
+                best = (ratio, b, 0, saved, lost, d)
         for g in groups:
             w = widths[g.name]
             below = [k for k in g.ladder if k < w]

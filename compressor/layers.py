@@ -157,10 +157,10 @@ def _taylor(model: nn.Module, blocks: list[Block], calib: ImageSet, spec: InputS
     (torch-pruning's GroupTaylorImportance), so block and channel scores are on one scale."""
     with torch.enable_grad():
         imp.accumulate_gradients(model, calib, spec, batch_size, device, reporter)
-    scores = {}
+    scores: dict[str, float] = {}
     for b in blocks:
         params = [p for p in model.get_submodule(b.path).parameters() if p.grad is not None]
-        scores[b.path] = float(sum((p * p.grad).abs().sum().item() for p in params))  # type: ignore[operator]
+        scores[b.path] = sum((float((p * p.grad).abs().sum()) for p in params), 0.0)  # type: ignore[operator]  # grad checked above
     model.zero_grad(set_to_none=True)
     return scores
 

@@ -25,21 +25,21 @@ class Reporter:
     @contextlib.contextmanager
     def _lines(self, description: str, total: int | None) -> Iterator[Callable[..., None]]:
         start = last = time.monotonic()
-        state = {"done": 0, "info": ""}
+        done, note = 0, ""
         print(f"{description} ...", file=sys.stderr, flush=True)
 
         def advance(n: int = 1, info: str | None = None):
-            nonlocal last
-            state["done"] += n
-            state["info"] = info if info is not None else state["info"]
+            nonlocal last, done, note
+            done += n
+            note = info if info is not None else note
             now = time.monotonic()
             if now - last >= LINE_EVERY_S:
                 last = now
-                count = f"{state['done']}/{total}" if total else f"{state['done']}"
-                print(f"{description}: {count} {state['info']} ({now - start:.0f} s)".rstrip(), file=sys.stderr, flush=True)
+                count = f"{done}/{total}" if total else f"{done}"
+                print(f"{description}: {count} {note} ({now - start:.0f} s)".rstrip(), file=sys.stderr, flush=True)
 
         yield advance
-        tail = f"; {state['info']}" if state["info"] else ""
+        tail = f"; {note}" if note else ""
         print(f"{description}: done in {time.monotonic() - start:.1f} s{tail}", file=sys.stderr, flush=True)
 
     @contextlib.contextmanager

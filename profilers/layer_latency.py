@@ -508,8 +508,9 @@ class LayerLatency:
         """Measure the entries a planning step is about to ask for, together where the backend times many
         layers per compiled model (OpenVINO); elsewhere they are measured one by one when asked. Entries a
         grid answers are not measured unless `exact`."""
-        if not self.batched:
+        if not isinstance(self.timer, _OvTimer):  # (self.batched, spelled out for the type checker)
             return
+        timer = self.timer
         missing = list(dict.fromkeys(w for w in wanted if f"{w[0]}|{w[1]}|{w[2]}" not in self.entries
                                      and (exact or w[0] not in self.grids)))
         if not missing:
@@ -517,7 +518,7 @@ class LayerLatency:
         t0 = time.perf_counter()
         for start in range(0, len(missing), _OvTimer.CHUNK):
             chunk = missing[start:start + _OvTimer.CHUNK]
-            times = self.timer.many([(self.ops[k], self.batch, ci, co) for k, ci, co in chunk], self.min_time_s)
+            times = timer.many([(self.ops[k], self.batch, ci, co) for k, ci, co in chunk], self.min_time_s)
             for (k, ci, co), ms in zip(chunk, times):
                 self.entries[f"{k}|{ci}|{co}"] = ms
             self.measured += len(chunk)

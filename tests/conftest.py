@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,19 @@ TINY_VIT = ["--model", "vit_cifar", "--model-arg", "depth=2", "--model-arg", "em
             "--input-size", "16"]
 
 
+# The lines a non-terminal log gets per stage (compressor.progress): "X ...", "X: done in 1.2 s[; info]",
+# "X: 3/10 info (30 s)". Error checks look at what is left: one line.
+PROGRESS = re.compile(r"^(.* \.\.\.|.*: done in [0-9.]+ s(; .*)?|.*: \d+(/\d+)? .*\(\d+ s\))$")
+
+
+def without_progress(err: str) -> str:
+    kept = [ln for ln in err.splitlines() if not PROGRESS.match(ln)]
+    return "\n".join(kept) + ("\n" if kept else "")
+
+
 class CLI:
-    """Run `compress` in-process and capture what a user would see."""
+    """Run `compress` in-process and capture what a user would see (stderr without its progress lines;
+    `raw_err` keeps them)."""
 
     def __init__(self, capsys):
         self.capsys = capsys
@@ -26,7 +38,8 @@ class CLI:
 
         self.capsys.readouterr()
         code = run([str(a) for a in args])
-        out, err = self.capsys.readouterr()
+        out, self.raw_err = self.capsys.readouterr()
+        err = without_progress(self.raw_err)
         if expect is not None:
             assert code == expect, f"exit {code} (expected {expect})\nstdout:\n{out}\nstderr:\n{err}"
         return code, out, err

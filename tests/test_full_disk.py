@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_CNN
+from conftest import TINY_CNN, without_progress
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 16 * 1024  # bytes: below every artefact of the tiny ResNet-20
@@ -51,7 +51,7 @@ def test_a_size_limited_disk_is_one_line_and_leaves_nothing(cnn_parent, tmp_path
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
     p = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=300, preexec_fn=_limited)
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    lines = [ln for ln in without_progress(p.stderr).splitlines() if ln.strip()]
     assert p.returncode == 1, p.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: writing failed: "), p.stderr[-2000:]
     assert ("File too large" in lines[0] or "file-size limit" in lines[0]) and f"({where}/result" in lines[0], lines[0]

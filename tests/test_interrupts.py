@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import without_progress
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,7 +36,7 @@ def test_sigint_ends_the_command_within_two_seconds_and_writes_nothing(tmp_path,
     finally:
         p.kill()
     took = time.monotonic() - sent
-    lines = [ln for ln in err.splitlines() if ln.strip()]
+    lines = [ln for ln in without_progress(err).splitlines() if ln.strip()]
     assert p.returncode == 130, err[-2000:]
     assert took < 3.5, f"{took:.1f} s after Ctrl-C"
     assert lines == ["interrupted"], err[-2000:]

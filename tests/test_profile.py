@@ -117,6 +117,7 @@ def test_gates_fail_with_one_line(cli, cnn_parent, child, tmp_path, monkeypatch)
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     _, _, err = cli("profile", child, "--baseline", cnn_parent, "--assert-speedup", "50", *GATE, expect=1)
     assert err.startswith("gate failed:") and err.count("\n") == 1 and "speedup" in err
+    assert ": done in " in cli.raw_err  # a log (not a terminal) gets a line per measured stage
     assert "Gate failures" in summary.read_text()
     _, _, err = cli("profile", child, "--baseline", cnn_parent, "--assert-realised", "5", *GATE, expect=1)
     assert "realised fraction" in err
