@@ -29,7 +29,7 @@ for seed in (0, 1, 2):
     for depth in ("--depth", "--no-depth"):
         d = base / f"{depth.strip('-')}_s{seed}"
         compress("compare", "--model", parent, "--metrics", "taylor", "--calib-size", 512, "--target-speedups",
-                 ",".join(f"{t:g}" for t in targets), "--latency-batch", 1, "--latency-cache", base / "cache", depth,
+                 ",".join(f"{t:g}" for t in targets), "--latency-batch", 1, "--threads", 1, "--latency-cache", base / "cache", depth,
                  "--finetune-epochs", 3, "--optimizer", "sgd", "--lr", 0.01, "--lr-schedule", "cosine", "--seed", seed,
                  "--out", d, "--overwrite", "-q", log=log)
         runs[(depth, seed)] = {c["name"]: c for c in load(d / "table.json")}
@@ -69,7 +69,7 @@ for t in targets:
     verdicts.append(verdict(f"{t:g}x, depth + width minus uniform", [a["top1_after_ft"] for a, _, _ in both],
                             [u["top1_after_ft"] for _, _, u in both]))
 body = ("Parent: ResNet-20 trained 8 epochs on 10,000 Fashion-MNIST images (10 % held out); top-1 on 2,000 test-split images "
-        "it never trained on. Per seed, `compress compare --target-speedups` at batch 1 on ONNX Runtime, once with `--depth` and "
+        "it never trained on. Per seed, `compress compare --target-speedups` at batch 1 on ONNX Runtime (one thread), once with `--depth` and "
         "once with `--no-depth`; Taylor importance; every child fine-tuned 3 epochs (SGD 0.01, cosine); the uniform child's "
         "sparsity is searched to match the depth + width child's measured speed. Speedups are measured after fine-tuning.\n\n"
         + md_table(["target", "planner", "seeds reached", "top-1 before fine-tuning", "top-1 after", "measured speedups"], rows)

@@ -16,8 +16,9 @@ from common import RUNS, compress, load, md_table, write_section
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "openvino"])
-ap.add_argument("--models", default="resnet20,resnet56,torchvision:mobilenet_v2,vit_cifar,torchvision:resnet18@224,"
-                                    "torchvision:mobilenet_v2@224", help="comma-separated NAME[@INPUT_SIZE] (default size 32)")
+ap.add_argument("--models", default="resnet20,resnet56,torchvision:mobilenet_v2,vit_cifar",
+                help="comma-separated NAME[@INPUT_SIZE] (default size 32); all @224: a section of their own, e.g. "
+                     "torchvision:mobilenet_v2@224,torchvision:resnet18@224")
 ap.add_argument("--targets", default="1.5,2,3")
 ap.add_argument("--threads", default="1", help="runtime threads: 1 (the default here) because at batch 1 ONNX Runtime's "
                 "two-thread pool switched between latency modes 1.2-2x apart on a 2-core VM, which the quiet-machine check refuses")
@@ -60,6 +61,8 @@ body = ("`compress prune --target-speedup T --latency-batch 1` on randomly initi
         f"{sum(1 for r in done if r[3] != 'refused' and abs(float(r[4].rstrip('%'))) <= 10)} within ±10 % of the target; "
         f"widths only: {sum(1 for r in rows if r[2] == 'width only' and r[3] != 'refused')} of "
         f"{sum(1 for r in rows if r[2] == 'width only')} measured.")
-write_section(f"depth_latency_{args.backend}", f"Depth and width under one latency budget at batch 1, {args.backend} (issue 30)",
+big = all(m.endswith("@224") for m in args.models.split(","))
+write_section(f"depth_latency_{args.backend}" + ("_224" if big else ""),
+              f"Depth and width under one latency budget at batch 1, {args.backend}" + (", 224x224" if big else "") + " (issue 30)",
               body, log, started, script=" ".join(["depth_latency.py"] + [f"--{k} {v}" for k, v in vars(args).items()
                                                       if v != ap.get_default(k)]))

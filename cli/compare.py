@@ -73,6 +73,7 @@ def compare(
     latency_rounds: Annotated[int, typer.Option(help="--target-speedups: interleaved rounds of each measurement.")] = 9,
     latency_iterations: Annotated[int, typer.Option(help="--target-speedups: plan, prune and measure attempts of each latency-aware child.")] = 5,
     depth: Annotated[bool, typer.Option(help="--target-speedups: the latency-aware child may also lose whole residual blocks (see prune --depth); --no-depth: widths only.")] = True,
+    threads: Annotated[Optional[int], typer.Option(help="--target-speedups: CPU threads for every latency measurement (default: the runtime's; at batch 1, 1 runs steadier).")] = None,
     allow_busy: Annotated[bool, typer.Option("--allow-busy", help="--target-speedups: keep cells measured while the machine was busy (recorded in each cell); without it the latency-aware step refuses them.")] = False,
     shard: Annotated[Optional[str], typer.Option(help="I/N: run only every N-th cell from the I-th (0-based), e.g. one Slurm array task each; then gather with --resume.")] = None,
     overwrite: c.Overwrite = False,
@@ -113,7 +114,9 @@ def compare(
     cfg.validate()
     atomic.check_output_path(out_dir, True)
     if targets is not None:
-        lat = LatencyTarget(targets[0] if targets else None, None, latency_backend, latency_device, latency_batch, None,
+        if threads is not None and threads < 1:
+            raise UserError("--threads must be >= 1")
+        lat = LatencyTarget(targets[0] if targets else None, None, latency_backend, latency_device, latency_batch, threads,
                             latency_cache or default_cache_dir(), latency_rounds, latency_iterations, allow_busy=allow_busy,
                             depth=depth)
         LayerLatency(latency_backend, latency_device, latency_batch, None, None)  # refuses a bad backend/device/batch

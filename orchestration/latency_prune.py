@@ -214,9 +214,11 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
 
 def _refuse_if_busy(machine: quiet.MachineCheck, target: LatencyTarget) -> None:
     if not machine.quiet and not target.allow_busy:
+        hint = ("; no other process was busy, so the runtime itself switched speeds: with `threads` 1 it runs one steady "
+                "speed" if machine.unsteady_alone and target.threads != 1 else "")
         raise UserError(f"the machine was busy while measuring ({machine.summary()}): a speedup measured now cannot be "
                         "trusted, so no target is called reached and nothing is written; rerun on a quiet machine, or "
-                        "pass `allow_busy` to write the child anyway (recorded in model.json)")
+                        f"pass `allow_busy` to write the child anyway (recorded in model.json){hint}")
 
 
 def _next_budget(tries: list[dict], goal_ms: float) -> float:

@@ -111,6 +111,13 @@ class MachineCheck:
     def quiet(self) -> bool:
         return not self.reasons
 
+    @property
+    def unsteady_alone(self) -> bool:
+        """Busy by the timings only, while no other process used the CPUs: the runtime switched speeds by
+        itself (at batch 1 a two-thread ONNX Runtime pool on a 2-core VM ran 0.13-0.22 ms against a steady
+        0.11 ms with one thread)."""
+        return bool(self.reasons) and all("round medians" in r or "earlier in this run" in r for r in self.reasons)
+
     def summary(self) -> str:
         return "; ".join(self.reasons[:3]) + (f" (and {len(self.reasons) - 3} more)" if len(self.reasons) > 3 else "")
 

@@ -45,6 +45,17 @@ class CLI:
         return code, out, err
 
 
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.slow`: opt-in (COMPRESS_SLOW_TESTS=1), for what a benchmark covers better; each mark
+    says which."""
+    if os.environ.get("COMPRESS_SLOW_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="opt-in: set COMPRESS_SLOW_TESTS=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _load_average_pinned(monkeypatch):
     """Tests that time for real judge the code, not how loaded the test machine is: the load sources of the

@@ -33,7 +33,7 @@ def test_initialisers_have_the_pruned_shapes(cli, cnn_parent, tmp_path):
     assert side["agreement"]["max_abs_diff"] < 1e-4 and side["model"]["params"] == load_model_dir(tmp_path / "p").record.metrics["params"]
 
 
-@pytest.mark.parametrize("parent", ["cnn_parent", "vit_parent"])
+@pytest.mark.parametrize("parent", ["cnn_parent", pytest.param("vit_parent", marks=pytest.mark.slow)])  # the ViT's: bench/seed000.py
 def test_fp16_and_int8_graphs_run_and_keep_accuracy(cli, request, tmp_path, parent):
     d = request.getfixturevalue(parent)
     lm = load_model_dir(d)

@@ -119,7 +119,7 @@ def straight(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])  # SIGINT: the same resume path
 def test_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path, straight, sig):
     resumed = _interrupted_run(tmp_path, sig)
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
@@ -129,6 +129,7 @@ def test_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path, straight,
     assert [h["top1"] for h in ha] == [h["top1"] for h in hb]
 
 
+@pytest.mark.slow  # bench/ddp_accuracy.py runs torchrun with two processes for real
 def test_data_parallel_two_gloo_processes_and_resume(cli, tmp_path):
     """`--nproc 2` runs two gloo processes under torchrun: one global batch split between them, the same
     weights on both at the end (checked by the processes themselves and recorded), process 0 writing;

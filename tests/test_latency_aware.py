@@ -234,6 +234,7 @@ def test_real_onnxruntime_attention_core_grows_with_heads():
     assert 0 <= t(key, 1, 1) < t(key, 12, 12)
 
 
+@pytest.mark.slow  # bench/latency_aware.py --only vit_cifar and bench/depth_latency.py run it for real; the planner's ViT case is in test_depth_plan
 def test_end_to_end_latency_aware_vit(cli, vit_parent, tmp_path):
     """Heads and FFN neurons of a timm ViT under a measured budget; the child reloads."""
     out = tmp_path / "vit"

@@ -196,6 +196,7 @@ def test_greedy_removes_lowest_output_norm_first(cnn_parent):
     assert removed == set(torch.argsort(norms)[: info.n_remove].tolist())
 
 
+@pytest.mark.slow  # ViT-B/16 at 224: bench/seed000.py reproduces the table
 @pytest.mark.parametrize("metric", ["l2"])
 def test_vit_b16_parameter_deltas_match_seed_000(metric):
     """Removing 25/50/75 % of heads and FFN neurons of ViT-B/16 (100 classes) removes exactly

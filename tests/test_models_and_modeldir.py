@@ -106,6 +106,7 @@ def test_layer_only_pruning_mac_reduction_matches_seed_002(name, expected):
     assert round(100 * (1 - after / before), 2) == expected
 
 
+@pytest.mark.slow  # ViT-B/16 at 224: bench/seed000.py reproduces the MAC steps
 def test_vit_b16_mac_step_matches_seed_000():
     """Seed 000 Table 5: each 25 % step removes 8.366 GFLOPs (2 x conv+linear MACs) from ViT-B/16."""
     import timm

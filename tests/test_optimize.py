@@ -54,7 +54,7 @@ def test_a_bound_that_cannot_be_met_is_exit_1_with_a_report_and_no_bundle(cli, d
     tmp = tmp_path_factory.getbasetemp()
     out = tmp / "opt-fail"
     _, _, err = _optimize(cli, demo_parent, out, tmp / "cache", "--target-speedup", "40", "--max-accuracy-drop", "1",
-                          "--speed-attempts", "1", expect=1)
+                          "--speed-attempts", "1", "--no-depth", expect=1)
     assert "gate failed: optimize: the speed bound does not hold" in err
     doc = json.loads((out / "report.json").read_text())
     assert doc["passed"] is False and doc["failed"]["bound"] == "speed" and doc["bundle"] is None

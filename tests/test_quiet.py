@@ -39,7 +39,8 @@ def test_the_three_signs():
 def test_latency_aware_prune_on_a_busy_machine_is_refused_or_flagged(cli, cnn_parent, tmp_path, busy):
     out = tmp_path / "fast"
     args = ["prune", "--model", cnn_parent, "--target-speedup", "1.2", "--latency-batch", "4", "--latency-cache",
-            tmp_path / "cache", "--latency-rounds", "3", "--latency-iterations", "1", "--threads", "1", "--out", out, "-q"]
+            tmp_path / "cache", "--latency-rounds", "3", "--latency-iterations", "1", "--threads", "1", "--no-depth",
+            "--out", out, "-q"]
     _, _, err = cli(*args, expect=2)
     assert "machine was busy while measuring (other processes used 85% of the machine's CPU time before timing" in err
     assert "--allow-busy" in err and not out.exists()
@@ -70,3 +71,22 @@ def test_a_quiet_profile_says_so(cli, cnn_parent, tmp_path):
     cli("profile", cnn_parent, "--backend", "torch", "--batch-sizes", "1", "--rounds", "2", "--no-energy", "--json", tmp_path / "p.json")
     check = json.loads((tmp_path / "p.json").read_text())["machine_check"]
     assert check["quiet"] is True and check["cpu_load"] == {"before": 0.0, "after": 0.0}
+
+
+def test_a_runtime_that_switches_speed_by_itself_gets_the_threads_hint():
+    """Only the timings were unsteady (no other process): the refusal says `threads` 1 runs one steady speed;
+    with another process busy, it does not."""
+    from compressor.errors import UserError
+    from orchestration.latency_prune import LatencyTarget, _refuse_if_busy
+    from profilers.quiet import MachineCheck
+
+    alone = MachineCheck()
+    alone.rounds("the parent", [0.2, 0.21, 0.2, 0.42, 0.41, 0.4, 0.2])
+    with pytest.raises(UserError, match="`threads` 1 runs one steady speed"):
+        _refuse_if_busy(alone, LatencyTarget(2.0))
+    crowded = MachineCheck()
+    crowded._add("other processes used 85% of the machine's CPU time before timing")
+    crowded.rounds("the parent", [0.2, 0.21, 0.2, 0.42, 0.41, 0.4, 0.2])
+    with pytest.raises(UserError) as e:
+        _refuse_if_busy(crowded, LatencyTarget(2.0))
+    assert "threads" not in str(e.value)
