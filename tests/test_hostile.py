@@ -208,7 +208,8 @@ def _hidden(d: Path) -> list[str]:
     return [p.name for p in d.iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.parametrize("command,k", [("prune", 1), ("prune", 3), ("export", 1), ("package", 1), ("compare", 2)])
+@pytest.mark.parametrize("command,k", [("prune", 1), pytest.param("prune", 3, marks=pytest.mark.slow), ("export", 1), ("package", 1),
+                                       pytest.param("compare", 2, marks=pytest.mark.slow)])  # later renames: the same staging path
 def test_sigkill_leaves_output_absent_or_complete(cli, cnn_parent, tmp_path, command, k):
     """Killed at a rename, `--out` is absent or complete and loadable (a compare grid: resumable); the next
     run of the same command succeeds and removes what the killed one left behind."""

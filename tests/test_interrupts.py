@@ -18,7 +18,7 @@ from conftest import without_progress
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("after_s", [0.4, 1.5, 5.0])
+@pytest.mark.parametrize("after_s", [0.4, 1.5, pytest.param(5.0, marks=pytest.mark.slow)])  # 5 s: the same path, later
 def test_sigint_ends_the_command_within_two_seconds_and_writes_nothing(tmp_path, after_s):
     out = tmp_path / "runs" / "kl"
     cmd = [sys.executable, "-m", "cli.main", "prune", "--model", "resnet20", "--model-arg", "width=8", "--input-size", "16",

@@ -44,6 +44,14 @@ def test_latency_aware_prune_on_a_busy_machine_is_refused_or_flagged(cli, cnn_pa
     _, _, err = cli(*args, expect=2)
     assert "machine was busy while measuring (other processes used 85% of the machine's CPU time before timing" in err
     assert "--allow-busy" in err and not out.exists()
+
+
+@pytest.mark.slow  # a whole latency-aware prune; the flag's recording is also checked by the profile test below
+def test_latency_aware_prune_on_a_busy_machine_with_allow_busy_is_flagged(cli, cnn_parent, tmp_path, busy):
+    out = tmp_path / "fast"
+    args = ["prune", "--model", cnn_parent, "--target-speedup", "1.2", "--latency-batch", "4", "--latency-cache",
+            tmp_path / "cache", "--latency-rounds", "3", "--latency-iterations", "1", "--threads", "1", "--no-depth",
+            "--out", out, "-q"]
     code, text, err = cli(*args, "--allow-busy", expect=None)
     if code == 2:  # proceeding does not make an unreachable target reached
         assert "not reached" in err and not out.exists()
@@ -82,7 +90,7 @@ def test_a_runtime_that_switches_speed_by_itself_gets_the_threads_hint():
 
     alone = MachineCheck()
     alone.rounds("the parent", [0.2, 0.21, 0.2, 0.42, 0.41, 0.4, 0.2])
-    with pytest.raises(UserError, match="`threads` 1 runs one steady speed"):
+    with pytest.raises(UserError, match="with `threads` 1 it runs one steady speed"):
         _refuse_if_busy(alone, LatencyTarget(2.0))
     crowded = MachineCheck()
     crowded._add("other processes used 85% of the machine's CPU time before timing")
