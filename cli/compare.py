@@ -114,8 +114,6 @@ def compare(
     cfg.validate()
     atomic.check_output_path(out_dir, True)
     if targets is not None:
-        if threads is not None and threads < 1:
-            raise UserError("--threads must be >= 1")
         lat = LatencyTarget(targets[0] if targets else None, None, latency_backend, latency_device, latency_batch, threads,
                             latency_cache or default_cache_dir(), latency_rounds, latency_iterations, allow_busy=allow_busy,
                             depth=depth)

@@ -95,8 +95,6 @@ def prune(
                       ignore_layers=tuple(ignore_layers or ()))
     target = None
     if target_speedup is not None or target_latency_ms is not None:
-        if threads is not None and threads < 1:
-            raise UserError("--threads must be >= 1")
         target = LatencyTarget(target_speedup, target_latency_ms, latency_backend, latency_device, latency_batch, threads,
                                latency_cache or default_cache_dir(), latency_rounds, latency_iterations, min_width_fraction,
                                allow_busy, depth, min_blocks_per_stage)

@@ -120,9 +120,7 @@ class Curve:
     points: list[tuple[float, float]]
 
     def __post_init__(self):
-        pts = sorted((float(a), float(b)) for a, b in self.points)
-        if len(pts) == 1:
-            pts = [(0.0, 0.0)] + pts if pts[0][0] > 0 else pts + [(pts[0][0] + 1.0, pts[0][1] + 1.0)]
+        pts = sorted((float(a), float(b)) for a, b in self.points)  # two points at least
         for i in range(1, len(pts)):  # more work never predicts less time (noise in the measured points)
             pts[i] = (pts[i][0], max(pts[i][1], pts[i - 1][1]))
         self.points = pts
@@ -152,16 +150,14 @@ def predict(layers: list[Layer], widths: dict[str, int], cost: Cost, offset_ms: 
 def plan_widths(groups: list[Group], layers: list[Layer], cost: Cost, budget_ms: float, offset_ms: float = 0.0,
                 tries: int = 4, on_step: Callable[[float], None] | None = None, best_effort: bool = False,
                 blocks: list[DepthBlock] | None = None, min_per_stage: int = 1,
-                stage_sizes: dict[str, int] | None = None,
-                prefetch: Callable[[list[tuple[str, int, int]]], None] | None = None, curve: Curve | None = None) -> Plan:
+                stage_sizes: dict[str, int] | None = None, curve: Curve | None = None) -> Plan:
     """Greedy: until the predicted latency is within `budget_ms`, take the move with the least importance
     lost per ms saved. Width moves: for every group its next `tries` ladder widths and every ladder width
     within a quarter of its current width (all lower widths when none of those saves time). Depth moves:
     removing one of `blocks`, keeping `min_per_stage` blocks in each stage (`stage_sizes`: blocks per
     stage, removable or not). A budget out of reach is refused, or with `best_effort` answered with the
-    fastest plan found. `prefetch(entries)` is told, before each step, the (signature, c_in, c_out) entries
-    that step will look up, so a backend that times many layers at once can. `curve` maps the layers'
-    summed cost to whole-model ms (default: `offset_ms` plus the sum)."""
+    fastest plan found. `curve` maps the layers' summed cost to whole-model ms (default: `offset_ms` plus
+    the sum)."""
     widths = {g.name: g.n for g in groups}
     by_group = {g.name: g for g in groups}
     touching: dict[str, list[Layer]] = {g.name: [] for g in groups}
@@ -184,14 +180,12 @@ def plan_widths(groups: list[Group], layers: list[Layer], cost: Cost, budget_ms:
     def saving(d: float) -> float:
         return curve(total) - curve(total - d)
     while current > budget_ms:
-        if prefetch is not None:
-            prefetch(_wanted(groups, widths, touching, tries))
         # (importance lost per ms saved, a block or a group's name, the group's new width, ms saved, lost, layer sum saved)
         best: tuple[float, DepthBlock | str, int, float, float, float] | None = None
         for b in blocks:
             if b in removed or left[b.stage] <= min_per_stage:
                 continue
-            d = sum(by_layer[n].cost(cost, widths) for n in b.layers if n in by_layer)
+            d = sum(by_layer[n].cost(cost, widths) for n in b.layers)
             saved = b.overhead_ms + saving(d)
             if saved <= 0:
                 continue
@@ -207,7 +201,7 @@ def plan_widths(groups: list[Group], layers: list[Layer], cost: Cost, budget_ms:
             below = [k for k in g.ladder if k < w]
             # the next few widths, and every width within a quarter below: far enough to step over a
             # run of widths the hardware dislikes (e.g. 63..49 when 48 is fast)
-            near = _near(below, w, tries)
+            near = sorted(set(below[-tries:]) | {k for k in below if k >= w - max(1, w // 4)})
             here = sum(layer.cost(cost, widths) for layer in touching[g.name])
             for lower in (near, [k for k in below if k not in near]):  # look further only if nothing near saves
                 found = False
@@ -245,22 +239,6 @@ def plan_widths(groups: list[Group], layers: list[Layer], cost: Cost, budget_ms:
         if on_step is not None:
             on_step(current)
     return Plan(widths, predict(layers, widths, cost, offset_ms, removed, curve), parent_ms, steps, [b.name for b in removed])
-
-
-def _near(below: list[int], w: int, tries: int) -> list[int]:
-    return sorted(set(below[-tries:]) | {k for k in below if k >= w - max(1, w // 4)})
-
-
-def _wanted(groups: list[Group], widths: dict[str, int], touching: dict[str, list[Layer]], tries: int) -> list[tuple[str, int, int]]:
-    """Every entry a step looks up first: each group's near widths in the layers it touches."""
-    out = []
-    for g in groups:
-        w = widths[g.name]
-        for k in _near([k for k in g.ladder if k < w], w, tries) + [w]:
-            trial = dict(widths)
-            trial[g.name] = k
-            out += [(layer.signature, *layer.widths(trial)) for layer in touching[g.name]]
-    return out
 
 
 def removal_indices(group: Group, keep: int) -> list[int]:

@@ -33,6 +33,7 @@ from compressor.modeldir import LoadedModel, ModelRecord, remove_blocks, run_inf
 from compressor.models import clone
 from compressor.progress import QUIET, Reporter
 from compressor.pruning import LOSS_ESTIMATES, WidthConfig, attention_heads, layer_groups, prune_to_widths, unit_scores
+from compressor.structures import capture_inputs
 from compressor.workflows import PruneResult, measure
 from profilers.layer_latency import LayerLatency, op_shapes
 from profilers import quiet
@@ -69,6 +70,8 @@ class LatencyTarget:
             raise UserError("`latency_iterations` must be at least 1")
         if not (0.0 < self.min_fraction <= 1.0):
             raise UserError("`min_width_fraction` must be in (0, 1]")
+        if self.threads is not None and self.threads < 1:
+            raise UserError("`threads` must be >= 1")
         if self.min_blocks_per_stage < 1:
             raise UserError("`min_blocks_per_stage` must be >= 1")
 
@@ -129,8 +132,7 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
                 table.on_measure = lambda: advance(0, info=f"{table.measured} layers measured")
                 plan = plan_widths(groups, layers, table, budget, best_effort=True, curve=curve,
                                    on_step=lambda ms: advance(1, info=f"{ms:.3f} ms, {table.measured} layers measured"),
-                                   blocks=blocks, min_per_stage=target.min_blocks_per_stage, stage_sizes=stage_sizes,
-                                   prefetch=table.prefetch)
+                                   blocks=blocks, min_per_stage=target.min_blocks_per_stage, stage_sizes=stage_sizes)
             table.on_measure = None
             table.save()
             child, changed = _with_widths(parent, spec, groups, plan.widths, plan.removed)
@@ -327,7 +329,7 @@ def _block_overheads(parent: nn.Module, shape: tuple[int, int, int], blocks: lis
             key = "block|" + hashlib.sha256(f"{m!r}|{in_shape}".encode()).hexdigest()[:20]
 
             def timed(m=m, in_shape=in_shape, name=b.name) -> float:
-                runner = model_runner(_copy(m), target.backend, target.device, target.batch, in_shape, tmp,
+                runner = model_runner(clone(m).cpu().eval(), target.backend, target.device, target.batch, in_shape, tmp,
                                       "block-" + name.replace(".", "_"), target.threads)
                 try:
                     whole = float(np.median(time_runner(runner, 3, 10, 0.1)))
@@ -354,28 +356,13 @@ def _block_overheads(parent: nn.Module, shape: tuple[int, int, int], blocks: lis
             "block_factor": round(factor, 4)}
 
 
-def _copy(m: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(m).cpu().eval()
-
-
 @torch.no_grad()
 def _block_inputs(model: nn.Module, shape: tuple[int, int, int], paths: list[str]) -> dict[str, tuple[int, ...]]:
     """The per-image input shape of each block, from one forward pass."""
-    seen: dict[str, tuple[int, ...]] = {}
-    def hook_for(path: str):
-        def hook(m, args) -> None:  # a pre-hook's non-None return value would replace the input
-            seen.setdefault(path, tuple(args[0].shape[1:]))
-        return hook
-
-    handles = [model.get_submodule(p).register_forward_pre_hook(hook_for(p)) for p in paths]
-    try:
+    modules = [model.get_submodule(p) for p in paths]
+    with capture_inputs(modules) as seen:
         model.eval()(torch.zeros(1, *shape, device=next(model.parameters()).device))
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
+    return {p: tuple(seen[id(m)].shape[1:]) for p, m in zip(paths, modules)}
 
 
 def _calibrate(parent, spec, groups, layers, table, target, tmp: Path, reporter) -> dict:
@@ -389,7 +376,6 @@ def _calibrate(parent, spec, groups, layers, table, target, tmp: Path, reporter)
     half_widths = {g.name: min(g.ladder, key=lambda k: abs(k - g.n / 2)) for g in groups}
     floor_widths = {g.name: g.ladder[0] for g in groups}
     points = (full, half_widths, floor_widths)
-    table.prefetch([(layer.signature, *layer.widths(w)) for layer in layers for w in points])
     sums = [0.0, 0.0, 0.0]
     with reporter.task("latency table: parent, half-width and floor-width layers", 3 * len(layers)) as advance:
         for layer in layers:

@@ -458,7 +458,7 @@ class LayerLatency:
         op = self.ops[key]
         t0 = time.perf_counter()
         ms = self.timer.op(op, self.batch, c_in, c_out, self.min_time_s)
-        if not isinstance(self.timer, _OvTimer):  # wall clock: less the per-call cost (node counters have none)
+        if not self.batched:  # wall clock: less the per-call cost (node counters have none)
             ms = max(0.0, ms - self.overhead(_input_shape(op, self.batch, c_in)))
         self.measure_s += time.perf_counter() - t0
         self.entries[entry] = ms
@@ -483,7 +483,7 @@ class LayerLatency:
             ys = xs if diagonal else _spread(sorted(set(outs)), points)
             self.grids[key] = (xs, ys, diagonal)
             wanted += [(key, x, x) for x in xs] if diagonal else [(key, x, y) for x in xs for y in ys]
-        self.prefetch(wanted, exact=True)
+        self.prefetch(wanted)
 
     def _interpolated(self, key: str, c_in: int, c_out: int) -> float:
         xs, ys, diagonal = self.grids[key]
@@ -504,15 +504,13 @@ class LayerLatency:
         return ((1 - tx) * (1 - ty) * at(x0, y0) + tx * (1 - ty) * at(x1, y0) + (1 - tx) * ty * at(x0, y1)
                 + tx * ty * at(x1, y1))
 
-    def prefetch(self, wanted: list[tuple[str, int, int]], exact: bool = False) -> None:
-        """Measure the entries a planning step is about to ask for, together where the backend times many
-        layers per compiled model (OpenVINO); elsewhere they are measured one by one when asked. Entries a
-        grid answers are not measured unless `exact`."""
+    def prefetch(self, wanted: list[tuple[str, int, int]]) -> None:
+        """Measure these (signature, c_in, c_out) entries together where the backend times many layers per
+        compiled model (OpenVINO); elsewhere entries are measured one by one when asked."""
         if not isinstance(self.timer, _OvTimer):  # (self.batched, spelled out for the type checker)
             return
         timer = self.timer
-        missing = list(dict.fromkeys(w for w in wanted if f"{w[0]}|{w[1]}|{w[2]}" not in self.entries
-                                     and (exact or w[0] not in self.grids)))
+        missing = list(dict.fromkeys(w for w in wanted if f"{w[0]}|{w[1]}|{w[2]}" not in self.entries))
         if not missing:
             return
         t0 = time.perf_counter()
