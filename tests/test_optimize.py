@@ -23,7 +23,7 @@ def demo_parent(tmp_path_factory):
 def _optimize(cli, parent, out, cache, *extra, expect):
     return cli("optimize", "--model", parent, "--batch", "32", "--epochs", "1", "--metric", "l2", "--round-to", "8",
                "--latency-rounds", "5", "--latency-iterations", "3", "--profile-rounds", "7", "--latency-cache", cache,
-               "--compute-device", "cpu", "--out", out, "-q", *extra, expect=expect)
+               "--compute-device", "cpu", "--allow-busy", "--out", out, "-q", *extra, expect=expect)  # busy refusals: test_quiet
 
 
 def test_optimize_passes_and_ships_the_artifact_it_measured(cli, demo_parent, tmp_path_factory):
