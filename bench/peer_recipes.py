@@ -20,10 +20,11 @@ from compressor.modeldir import LoadedModel, run_info, save_model_dir
 from compressor.models import clone
 
 
-def torch_pruning_recipe(parent: LoadedModel, flops_speedup: float) -> nn.Module:
+def torch_pruning_recipe(parent: LoadedModel, flops_speedup: float, round_to: int | None = None) -> nn.Module:
     """Torch-Pruning's CIFAR ResNet recipe (benchmarks/main.py, `--method group_norm --global-pruning
     --speed-up S`): group L2 magnitude, one global ranking over all groups, 400 small steps taken until the
-    MACs fall by `flops_speedup`, the classifier's outputs kept."""
+    MACs fall by `flops_speedup`, the classifier's outputs kept. `round_to`: its README's advice to round
+    every width to a multiple (8) for hardware-friendly shapes; the CIFAR script leaves it unset."""
     import torch_pruning as tp
 
     model = clone(parent.model).eval()
@@ -32,7 +33,7 @@ def torch_pruning_recipe(parent: LoadedModel, flops_speedup: float) -> nn.Module
     ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == parent.record.num_classes]
     pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                   global_pruning=True, pruning_ratio=1.0, max_pruning_ratio=1.0, iterative_steps=400,
-                                  ignored_layers=ignored)
+                                  ignored_layers=ignored, round_to=round_to)
     base, _ = tp.utils.count_ops_and_params(model, example_inputs=example)
     reached = 1.0
     while reached < flops_speedup and pruner.current_step < pruner.iterative_steps:
