@@ -196,7 +196,8 @@ class Optimizer:
                                           self.device, cfg.distill, self.rep, {"optimize": str(self.out)},
                                           teacher=self.parent.model)
             write_model_files(run_dir, model, rec)
-            info = {"seconds": round(time.perf_counter() - t0, 2), "top1": rec.metrics.get("top1"), "epochs": len(result.history)}
+            info = {"seconds": round(time.perf_counter() - t0, 2), "top1": rec.metrics.get("top1"), "epochs": len(result.history),
+                    "resumed_from_epoch": result.resumed_from}
             _done(state_path, state, "finetune", info)
         row["stages"]["finetune"] = info
         child = load_model_dir(d / "finetuned")

@@ -46,15 +46,27 @@ def test_optimize_passes_and_ships_the_artifact_it_measured(cli, demo_parent, tm
     assert (out / "report.md").read_text().startswith("# compress optimize") and (out / "accuracy_vs_speedup.png").is_file()
     assert any(c.startswith("compress prune ") for c in doc["commands"]) and "both bounds hold" in text
     cli("package", "--verify", out / "bundle.tar.gz")
-    # --resume of a finished run redoes nothing and passes again
+    # Killed while the fine-tune wrote its model: --resume keeps the finished prune, continues the fine-tune
+    # from its checkpoint (no epoch trained again) and redoes the later stages on the same weights.
+    att = out / best["dir"]
+    weights = (att / "finetuned" / "model.safetensors").read_bytes()
+    state = json.loads((att / "state.json").read_text())
+    state["stages"] = {"prune": state["stages"]["prune"]}
+    (att / "state.json").write_text(json.dumps(state))
+    for f in ("model.json", "model.safetensors"):
+        (att / "finetuned" / f).unlink()
+    assert (att / "finetuned" / "checkpoints" / "last.pt").is_file()
     _optimize(cli, demo_parent, out, tmp / "cache", "--target-speedup", "1.2", "--max-accuracy-drop", "100", "--resume", expect=0)
+    again = json.loads((att / "state.json").read_text())["stages"]
+    assert again["prune"] == state["stages"]["prune"] and again["finetune"]["resumed_from_epoch"] == 1
+    assert (att / "finetuned" / "model.safetensors").read_bytes() == weights and set(again) == set(best["stages"])
 
 
 def test_a_bound_that_cannot_be_met_is_exit_1_with_a_report_and_no_bundle(cli, demo_parent, tmp_path_factory):
     tmp = tmp_path_factory.getbasetemp()
     out = tmp / "opt-fail"
     _, _, err = _optimize(cli, demo_parent, out, tmp / "cache", "--target-speedup", "40", "--max-accuracy-drop", "1",
-                          "--speed-attempts", "1", "--no-depth", expect=1)
+                          "--speed-attempts", "1", "--no-depth", "--latency-iterations", "1", expect=1)
     assert "gate failed: optimize: the speed bound does not hold" in err
     doc = json.loads((out / "report.json").read_text())
     assert doc["passed"] is False and doc["failed"]["bound"] == "speed" and doc["bundle"] is None
