@@ -165,7 +165,17 @@ def run_model(model: str) -> tuple[list[list], list[str], list[dict]]:
             for v in kids.values():
                 r = res[Path(v["dir"]).name]
                 v["speedup"], v["macs"], v["params"] = r["speedup"], r.get("macs", v.get("macs")), r.get("params", v.get("params"))
-    return table(model, cells, peers)
+    return table(model, cells, peers) + (probe_lines(model, peers),)
+
+
+def probe_lines(model: str, peers: dict) -> str:
+    """Every probe of every peer bisection: the knob asked (MACs or FLOPs reduction) and the speed measured."""
+    out = []
+    for (method, t), m in peers.items():
+        ps = ", ".join(f"{p['knob']:.3g} -> " + (f"{p['speedup']:.2f}x" if "speedup" in p else "refused by the peer")
+                       for p in m["probes"])
+        out.append(f"- {model} {LABEL[method]} for {t:g}x: {ps}")
+    return "\n".join(out)
 
 
 def table(model: str, cells: dict, peers: dict) -> tuple[list[list], list[str], list[dict]]:
@@ -211,10 +221,10 @@ def plot(points: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-rows, verdicts, points = [], [], []
+rows, verdicts, points, probes = [], [], [], []
 for name in args.models.split(","):
-    r, v, p = run_model(name)
-    rows, verdicts, points = rows + r, verdicts + v, points + p
+    r, v, p, q = run_model(name)
+    rows, verdicts, points, probes = rows + r, verdicts + v, points + p, probes + [q]
 plot(points, ROOT / "docs" / "peers_frontier.png")
 import modelopt  # noqa: E402  (versions for the record)
 import torch_pruning  # noqa: E402
@@ -234,6 +244,8 @@ body = (f"Peers: Torch-Pruning {torch_pruning.__version__}, NVIDIA ModelOpt {mod
         + md_table(["model", "target", "method", "seeds", "top-1 before FT", "top-1 after FT", "measured speedup per seed",
                     "MACs", "params", "selection time", "fine-tune time"], rows)
         + "\n\nVerdicts (2 standard errors, seed spread plus the test set's sampling error): " + " ".join(verdicts)
+        + "\n\nThe peers' probes before fine-tuning (MACs reduction asked of Torch-Pruning, FLOPs reduction of FastNAS -> "
+        "measured speedup, 7 interleaved rounds; speed is not monotone in either knob here):\n\n" + "\n".join(probes)
         + "\n\nFrontier (top-1 after fine-tuning vs measured speedup, every seed): `docs/peers_frontier.png`.")
 write_section("peers", "Side by side with Torch-Pruning's and ModelOpt's own recipes at matched measured speed (issue 31)",
               body, log, started, script="peers.py" + ("" if args.models == "resnet20" else f" --models {args.models}")
