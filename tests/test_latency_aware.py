@@ -262,3 +262,18 @@ def test_the_attempt_kept_is_the_one_within_the_band_not_the_overshoot():
     assert better_attempt(r(2.05), r(1.9))  # both in the band: the closer
     assert better_attempt(r(2.6), r(1.5))  # neither in the band: the one that reaches the goal
     assert not better_attempt(r(1.5), r(2.6))
+
+
+def test_a_target_is_reached_within_ten_percent_of_what_was_asked():
+    """A speedup target is judged on the speedup (1.81x is 9.5 % short of 2x: reached; it was refused when
+    the limit was 1.1x the goal's milliseconds), a latency target on its milliseconds."""
+    from orchestration.latency_prune import better_attempt, reached
+
+    parent_ms, goal = 10.0, 2.0
+    ms = lambda speedup: parent_ms / speedup  # noqa: E731
+    assert reached(ms(1.81), ms(goal), True) and reached(ms(2.6), ms(goal), True)
+    assert not reached(ms(1.79), ms(goal), True)
+    assert reached(10.9, 10.0, False) and not reached(11.2, 10.0, False)
+    # the loop's band and the refusal agree: what the loop keeps as in the band is never refused
+    assert better_attempt(ms(1.81) / ms(goal), ms(1.7) / ms(goal)) and reached(ms(1.81), ms(goal), True)
+
