@@ -86,34 +86,14 @@ searcher settings are kept as they are."""
 
 def save_child(parent: LoadedModel, model: nn.Module, out, method: str, settings: dict, ds) -> dict:
     """Write `model` as a compress model directory (reloaded and checked before it is finished) with its
-    test top-1 before fine-tuning; returns that evaluation."""
-    model = _plain(model)
+    test top-1 before fine-tuning; returns that evaluation. (ModelOpt's returned subnet is already made of
+    plain torch modules.)"""
     acc = evaluate(model, ds.test, parent.record.input)
     rec = parent.record.child()
     rec.metrics = {"top1": acc["top1"], "top5": acc["top5"], "eval_split": "test", "eval_images": acc["n"]}
     rec.lineage.append(run_info("prune", {"method": method, **settings}, str(parent.path), rec.metrics))
     save_model_dir(out, model, rec)
     return acc
-
-
-def _plain(model: nn.Module) -> nn.Module:
-    """ModelOpt leaves its dynamic classes on an exported subnet's modules; copy the weights into plain
-    torch modules of the same shapes so the record holds only what torch builds."""
-    for name, m in list(model.named_modules()):
-        base = next((c for c in type(m).__mro__ if c.__module__.startswith("torch.nn.")), None)
-        if base is None or type(m) is base or not isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
-            continue
-        if isinstance(m, nn.Conv2d):
-            new: nn.Module = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                                       m.groups, m.bias is not None)
-        elif isinstance(m, nn.BatchNorm2d):
-            new = nn.BatchNorm2d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
-        else:
-            new = nn.Linear(m.in_features, m.out_features, m.bias is not None)
-        new.load_state_dict({k: v.detach().clone() for k, v in m.state_dict().items()})
-        owner, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(owner) if owner else model, leaf, new)
-    return model.eval()
 
 
 def timed(fn, *a, **kw):

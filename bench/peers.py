@@ -16,6 +16,7 @@ interleaved `compress profile` per seed and target. Needs `pip install -e '.[pee
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -61,19 +62,26 @@ def measure(parent: Path, child: Path, out: Path) -> dict:
     return next(r for r in load(out)["results"] if r.get("speedup") and r["target"] != "parent")["speedup"]
 
 
+@functools.cache
+def parent_and_data(parent_dir: Path):
+    """The parent and its recorded dataset, loaded once for every peer and target that needs them."""
+    from compressor.data import load_dataset
+    from compressor.modeldir import load_model_dir
+
+    parent = load_model_dir(parent_dir)
+    parent.path = parent_dir
+    return parent, load_dataset(parent.record.dataset)
+
+
 def match_peer(method: str, parent_dir: Path, target: float, where: Path) -> dict:
     """Bisect the peer's own knob (MACs speedup for Torch-Pruning, FLOPs fraction for FastNAS) until its
     exported child measures `target` within TOL; keeps the closest probe. Records every probe."""
     import peer_recipes as pr
-    from compressor.data import load_dataset
-    from compressor.modeldir import load_model_dir
 
     done = where / "peer.json"
     if done.exists():
         return load(done)
-    parent = load_model_dir(parent_dir)
-    parent.path = parent_dir
-    ds = load_dataset(parent.record.dataset)
+    parent, ds = parent_and_data(parent_dir)
     lo, hi, knob = 1.0, max(6.0, 3 * target), target  # knob: the MACs speedup asked of the peer
     probes, best, spent, t0 = [], None, 0.0, time.time()
     for i in range(6):

@@ -237,19 +237,22 @@ def _next_budget(tries: list[dict], goal_ms: float) -> float:
     return last["budget_ms"] * goal_ms / last["effective_ms"]
 
 
+def band(ratio: float) -> bool:
+    """An attempt (measured ms / goal ms) whose speedup is within 10 % of the goal's."""
+    return abs(1 / ratio - 1) <= 0.10
+
+
 def reached(effective_ms: float, goal_ms: float, speedup_target: bool) -> bool:
-    """The promise: a speedup target within 10 % of its speedup (1.81x reaches 2x), the band the loop keeps
-    attempts by; a latency target within 10 % of its milliseconds. Faster than asked always reaches it."""
-    return effective_ms <= (goal_ms / 0.9 if speedup_target else 1.1 * goal_ms)
+    """The promise: a speedup target within the loop's `band` of its speedup (1.81x reaches 2x); a latency
+    target within 10 % of its milliseconds. Faster than asked always reaches it."""
+    ratio = effective_ms / goal_ms
+    return ratio <= 1 or (band(ratio) if speedup_target else ratio <= 1.1)
 
 
 def better_attempt(ratio: float, best_ratio: float) -> bool:
     """Is an attempt (measured ms / goal ms) better than the best so far? Within the accepted band (speedup
     within 10 % of the goal) the closest wins; a child in the band beats one outside it; outside it, a
     child that reaches the goal beats one that does not (a 1.9x child for 2x is kept over a 2.6x one)."""
-    def band(r: float) -> bool:
-        return abs(1 / r - 1) <= 0.10
-
     if band(ratio) != band(best_ratio):
         return band(ratio)
     if not band(ratio) and (ratio <= 1) != (best_ratio <= 1):

@@ -276,4 +276,3 @@ def test_a_target_is_reached_within_ten_percent_of_what_was_asked():
     assert reached(10.9, 10.0, False) and not reached(11.2, 10.0, False)
     # the loop's band and the refusal agree: what the loop keeps as in the band is never refused
     assert better_attempt(ms(1.81) / ms(goal), ms(1.7) / ms(goal)) and reached(ms(1.81), ms(goal), True)
-
