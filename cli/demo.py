@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -64,7 +65,9 @@ def demo(
         ex_b = export_onnx(baseline, tmp / "baseline.onnx")
         ex_f = export_onnx(tuned, tmp / "finetuned.onnx")
         rep.log("5/5 profiling both with ONNX Runtime on this CPU (interleaved rounds)")
-        doc = run_profile([from_loaded("finetuned", tuned)], from_loaded("baseline", baseline),
+        # the very files written above are measured (not exported again), recorded where they will be
+        doc = run_profile([replace(from_loaded("finetuned", tuned), onnx=tmp / "finetuned.onnx", path=out / "finetuned")],
+                          replace(from_loaded("baseline", baseline), onnx=tmp / "baseline.onnx", path=out / "baseline"),
                           Settings(backends=("onnxruntime",), batch_sizes=(1, 32), rounds=10), rep).to_json()
         report.write_all(doc, tmp / "profile")
     b, p, f = baseline.record.metrics, summary.after, tuned.record.metrics
