@@ -124,3 +124,6 @@ def test_demo_runs_the_whole_chain(cli, tmp_path):
     for name in ("baseline", "pruned", "finetuned"):
         load_model_dir(tmp_path / "demo" / name)
     assert (tmp_path / "demo" / "finetuned.onnx").is_file() and (tmp_path / "demo" / "profile" / "profile.json").is_file()
+    # the profile names the model directories where they ended up, not the staging directory they were built in
+    targets = json.loads((tmp_path / "demo" / "profile" / "profile.json").read_text())["targets"]
+    assert {t["name"] for t in targets} == {"baseline", "finetuned"} and all(os.path.isdir(t["path"]) for t in targets)
