@@ -52,7 +52,7 @@ for name in MODELS:
         for precision in PRECISIONS:
             for batch in BATCHES:
                 for target in TARGETS:
-                    out = base / name / f"{runtime}_{precision}_b{batch}_x{target}" + (f"_e{EPOCHS}" if args.epochs else "")
+                    out = base / name / (f"{runtime}_{precision}_b{batch}_x{target}" + (f"_e{EPOCHS}" if args.epochs else ""))
                     t0 = time.time()
                     code = compress("optimize", "--model", parent, "--target-speedup", target, "--runtime", runtime,
                                     "--batch", batch, "--precision", precision, "--max-accuracy-drop", 1, "--epochs", EPOCHS,
