@@ -56,7 +56,8 @@ def test_dataloader_path_trains_too(cli, cnn_parent, tmp_path):
 
 
 ARGS = ["finetune", "--model", "resnet20", "--model-arg", "width=8", "--input-size", "16", "--data", "digits",
-        "--epochs", "4", "--lr", "2e-3", "--batch-size", "32", "--device", "cpu", "--quiet", "--seed", "3"]
+        "--epochs", "4", "--lr", "2e-3", "--batch-size", "32", "--device", "cpu", "--quiet", "--seed", "3",
+        "--train-size", "640"]  # a second an epoch: killed 50 ms into epoch 2 of 4, the run cannot have finished
 
 
 def _compress(args, **kw):

@@ -46,7 +46,11 @@ def test_cnn_metric_removes_channels(cli, cnn_parent, tmp_path, metric):
         assert m.out_channels == pconvs[n].out_channels // 2, n
         assert m.weight.shape[0] == m.out_channels
     assert child.record.metrics["params"] < parent.record.metrics["params"]
-    _onnx_matches(cli, tmp_path / metric, tmp_path)
+    if metric == CNN_METRICS[0]:  # which metric chose the channels does not change the export (a 3 s dynamo export each)
+        _onnx_matches(cli, tmp_path / metric, tmp_path)
+    else:
+        i = child.record.input
+        assert torch.isfinite(child.model.eval()(torch.zeros(2, i.channels, i.height, i.width))).all()
 
 
 @pytest.mark.parametrize("metric", VIT_METRICS)
@@ -57,7 +61,8 @@ def test_vit_metric_removes_heads_and_neurons(cli, vit_parent, tmp_path, metric)
         assert a.num_heads == 2 and a.attn_dim == 2 * a.head_dim and a.qkv.out_features == 3 * a.attn_dim
         assert a.proj.in_features == a.attn_dim and blk.mlp.fc1.out_features == 48  # 96 hidden -> 48
         assert blk.mlp.fc2.in_features == 48 and a.proj.out_features == 48  # residual width kept
-    _onnx_matches(cli, tmp_path / metric, tmp_path)
+    if metric == VIT_METRICS[0]:  # as for the CNN metrics: one export stands for all
+        _onnx_matches(cli, tmp_path / metric, tmp_path)
 
 
 def test_bn_scale_on_a_vit_is_a_clear_error(cli, vit_parent, tmp_path):
