@@ -5,7 +5,8 @@
 torch on CUDA (CUDA events, and CUDA graphs), NVML energy (gross and net of idle, with the window),
 bf16 vs fp32 fine-tuning speed, device-memory figures that do not depend on the order of the targets,
 ONNX Runtime's CUDA provider where an onnxruntime-gpu build is installed, and TensorRT where it is
-installed (fp32/fp16/int8 engines: parity with ONNX Runtime at export, then profiled). Whatever cannot
+installed (fp32/fp16/int8 engines: parity with ONNX Runtime at export, then profiled), and latency-aware
+pruning for 2x at batch 1 on the device with and without depth (the launch-bound regime). Whatever cannot
 run here is listed with the reason. `--device cpu` runs the same plumbing on a CPU (a smoke test of
 this script; it writes only --out).
 """
@@ -137,6 +138,22 @@ def main() -> int:
                                work / f"parent.{prec}.engine", "--backend", "tensorrt", "--device", "cuda",
                                "--batch-sizes", batches, "--no-energy")
                 rows += _rows(doc, f"tensorrt {prec}") if not isinstance(doc, str) else []
+
+    # 6. latency-aware pruning at batch 1 on the device (launch-bound on a GPU): depth + width beside widths only
+    for depth in ("--depth", "--no-depth"):
+        out = work / f"latency_b1{depth.replace('--', '_')}"
+        r = compress("prune", "--model", parent, "--metric", "l2", "--target-speedup", "2", "--latency-batch", "1",
+                     "--latency-backend", "torch", "--latency-device", dev, "--device", dev, depth, "--out", out,
+                     "--overwrite", "-q", log=log, allow_fail=True)
+        mode = "depth + width" if depth == "--depth" else "widths only"
+        if r != 0:  # a refusal (the child could not reach the target) is a finding, not a broken check
+            notes.append(f"latency-aware 2x at batch 1 on torch {dev}, {mode}: refused: {r}")
+            continue
+        lat = json.loads((out / "model.json").read_text())["metrics"]["latency"]
+        removed = lat.get("removed_blocks") or []
+        notes.append(f"latency-aware 2x at batch 1 on torch {dev}, {mode}: {lat['measured_speedup']:.2f}x "
+                     f"[{lat['speedup_ci'][0]:.2f}, {lat['speedup_ci'][1]:.2f}], {len(removed)} block(s) removed"
+                     f"{': ' + ', '.join(removed) if removed else ''}, prediction error {100 * lat['prediction_error']:+.0f}%")
 
     body = md_table(["run", "target", "backend", "batch", "p50 ms", "speedup vs parent [95% CI]", "device peak MB",
                      "energy/image gross / net (window)"], rows)

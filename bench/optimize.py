@@ -42,7 +42,18 @@ RUNTIMES = args.runtimes.split(",") if args.runtimes else RUNTIMES
 PRECISIONS = args.precisions.split(",") if args.precisions else PRECISIONS
 BATCHES = [int(b) for b in args.batches.split(",")] if args.batches else BATCHES
 TARGETS = args.targets.split(",") if args.targets else TARGETS
-rows = []
+
+
+def _attempt(a: dict) -> str:
+    m = (a.get("stages") or {}).get("measure")
+    got = "not pruned" if m is None else f"{m['speedup']['median']:.2f}x"
+    drop = "" if a.get("accuracy_drop") is None else f", {a['accuracy_drop']:+.2f} points"
+    verdict = "pass" if a.get("passed") else f"fail ({a.get('failed')})"
+    asked = "the latency target" if a.get("prune_target_speedup") is None else f"{a['prune_target_speedup']:.3g}x"
+    return f"pruned for {asked} -> {got}{drop}, {verdict}"
+
+
+rows, probes = [], []
 for name in MODELS:
     parent = base / name / "parent"
     compress("finetune", "--model", name, "--data", "fashion-mnist", "--data-dir", FMNIST, "--train-size", 10000,
@@ -70,6 +81,10 @@ for name in MODELS:
                     stages = {k: sum((a.get("stages", {}).get(k) or {}).get("seconds", 0) for a in doc["attempts"])
                               for k in ("prune", "finetune", "export", "measure", "accuracy")}
                     result = "pass" if doc["passed"] else f"fail ({doc['failed']['bound']})"
+                    if m is None and pick.get("why"):  # refused before anything shipped: say why, not a blank
+                        result += ": " + pick["why"].split("; ")[0].replace("|", "/")[:160]
+                    if len(doc["attempts"]) > 1:  # every attempt or probe, not only the one chosen
+                        probes.append(f"- {name} {runtime} {precision} batch {batch}, {target}: " + "; ".join(_attempt(a) for a in doc["attempts"]))
                     rows.append([name, runtime, precision, batch, target, sp, split, f"{doc['parent']['accuracy']['top1']:.2f}",
                                  "-" if pick.get("accuracy_drop") is None else f"{pick['accuracy_drop']:+.2f}", result,
                                  f"{wall:.0f} ({', '.join(f'{k} {v:.0f}' for k, v in stages.items())}); {len(doc['attempts'])} attempt(s)"])
@@ -79,7 +94,11 @@ body += ("\n\nThe speed bound: the lower end of the deployed artifact's 95% inte
          "parent's fp32 artifact in the same runtime (interleaved rounds). The accuracy bound: top-1 of the deployed artifact, "
          f"run in its runtime on 2,000 unseen test images, at most 1 point below the parent artifact's. Fine-tuning: {EPOCHS} epochs of "
          "Adam (lr 1e-4, the fine-tuning default) distilled from the parent, the held-out split kept out.")
+if probes:
+    body += "\n\nEvery attempt (speed corrections) and probe (`max`), in order:\n\n" + "\n".join(probes)
 name, title = ("optimize_quick", " (quick grid)") if args.quick else ("optimize_slice", " (a slice of the grid)") if SLICE else ("optimize", "")
+if SLICE:  # each slice keeps a section of its own: a later slice adds beside it, re-running the same slice replaces it
+    name += "_" + "_".join(v.replace(",", "-") for k, v in vars(args).items() if k not in ("quick", "epochs") and v)
 if args.epochs:  # another fine-tuning budget: beside the 3-epoch section, not over it
     name, title = name + f"_epochs{EPOCHS}", title + f", {EPOCHS} fine-tuning epochs"
 write_section(name, "compress optimize: the promise checked on the deployed artifact" + title, body, log, started,
