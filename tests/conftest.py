@@ -90,3 +90,68 @@ def cnn_parent(tmp_path_factory) -> Path:
 def vit_parent(tmp_path_factory) -> Path:
     """A 2-block, 4-head timm ViT (16x16 input) trained on digits."""
     return _train(tmp_path_factory.mktemp("vit") / "parent", TINY_VIT, epochs=8, lr="1e-3")
+
+
+# ----------------------------------------------------------------------------- ONNX exports, once per model
+# The dynamo exporter takes about 3.5 s a model on a 2-core CPU, and many tests export the same session fixture
+# (the parent as a profile baseline, a bundle, an export check). The same classes, repr, weights, inputs and
+# options give the same graph, so the suite exports each such model once; a copy of the proto is handed out.
+# Tests that patch torch.onnx.export replace this wrapper and see their own function.
+_EXPORTS: dict[tuple, object] = {}
+_EXPORT_STATS = {"calls": 0, "hits": 0}
+
+
+def _export_key(model, args, kwargs) -> tuple | None:
+    import hashlib
+
+    if not isinstance(model, torch.nn.Module) or kwargs.get("f") is not None:
+        return None
+    h = hashlib.sha256()
+    for name, t in list(model.state_dict(keep_vars=False).items()):
+        h.update(name.encode())
+        h.update(str((tuple(t.shape), t.dtype)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    types = tuple(id(type(m)) for m in model.modules())
+    shapes = tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else repr(a) for a in args)
+    return (types, repr(model), model.training, h.hexdigest(), shapes, repr(sorted(kwargs.items(), key=lambda kv: kv[0])))
+
+
+def _cached_export(real):
+    import functools
+
+    import onnx
+
+    @functools.wraps(real)
+    def export(model, args=(), f=None, **kwargs):
+        _EXPORT_STATS["calls"] += 1
+        key = _export_key(model, tuple(args) if isinstance(args, tuple) else (args,), {"f": f, **kwargs}) \
+            if kwargs.get("dynamo", True) and f is None else None
+        if key is not None and key in _EXPORTS:
+            _EXPORT_STATS["hits"] += 1
+            prog = _EXPORTS[key]
+            copy = onnx.ModelProto()
+            copy.CopyFrom(prog.model_proto)
+            return _Program(copy)
+        prog = real(model, args, f, **kwargs)
+        if key is not None and prog is not None:
+            kept = onnx.ModelProto()
+            kept.CopyFrom(prog.model_proto)  # the caller may change its own proto
+            _EXPORTS[key] = _Program(kept)
+        return prog
+
+    return export
+
+
+class _Program:
+    """What callers read of an ONNXProgram here: its model_proto."""
+
+    def __init__(self, proto):
+        self.model_proto = proto
+
+
+torch.onnx.export = _cached_export(torch.onnx.export)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _EXPORT_STATS["calls"]:
+        terminalreporter.write_line(f"ONNX exports: {_EXPORT_STATS['calls']} asked, {_EXPORT_STATS['hits']} served from the suite's cache")
