@@ -97,49 +97,20 @@ def vit_parent(tmp_path_factory) -> Path:
 # (the parent as a profile baseline, a bundle, an export check). The same classes, repr, weights, inputs and
 # options give the same graph, so the suite exports each such model once; a copy of the proto is handed out.
 # Tests that patch torch.onnx.export replace this wrapper and see their own function.
-_EXPORTS: dict[tuple, object] = {}
+_EXPORTS: dict[tuple, object] = {}  # key -> onnx.ModelProto, a private copy
 _EXPORT_STATS = {"calls": 0, "hits": 0}
 
 
-def _export_key(model, args, kwargs) -> tuple | None:
+def _export_key(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
     import hashlib
 
-    if not isinstance(model, torch.nn.Module) or kwargs.get("f") is not None:
-        return None
     h = hashlib.sha256()
-    for name, t in list(model.state_dict(keep_vars=False).items()):
-        h.update(name.encode())
-        h.update(str((tuple(t.shape), t.dtype)).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    for name, t in model.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update((t.float() if t.dtype == torch.bfloat16 else t).detach().cpu().contiguous().numpy().tobytes())
     types = tuple(id(type(m)) for m in model.modules())
     shapes = tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else repr(a) for a in args)
-    return (types, repr(model), model.training, h.hexdigest(), shapes, repr(sorted(kwargs.items(), key=lambda kv: kv[0])))
-
-
-def _cached_export(real):
-    import functools
-
-    import onnx
-
-    @functools.wraps(real)
-    def export(model, args=(), f=None, **kwargs):
-        _EXPORT_STATS["calls"] += 1
-        key = _export_key(model, tuple(args) if isinstance(args, tuple) else (args,), {"f": f, **kwargs}) \
-            if kwargs.get("dynamo", True) and f is None else None
-        if key is not None and key in _EXPORTS:
-            _EXPORT_STATS["hits"] += 1
-            prog = _EXPORTS[key]
-            copy = onnx.ModelProto()
-            copy.CopyFrom(prog.model_proto)
-            return _Program(copy)
-        prog = real(model, args, f, **kwargs)
-        if key is not None and prog is not None:
-            kept = onnx.ModelProto()
-            kept.CopyFrom(prog.model_proto)  # the caller may change its own proto
-            _EXPORTS[key] = _Program(kept)
-        return prog
-
-    return export
+    return (types, repr(model), model.training, h.hexdigest(), shapes, repr(sorted(kwargs.items())))
 
 
 class _Program:
@@ -147,6 +118,33 @@ class _Program:
 
     def __init__(self, proto):
         self.model_proto = proto
+
+
+def _cached_export(real):
+    import functools
+
+    import onnx
+
+    def copy(proto):
+        out = onnx.ModelProto()
+        out.CopyFrom(proto)
+        return out
+
+    @functools.wraps(real)
+    def export(model, args=(), f=None, **kwargs):
+        _EXPORT_STATS["calls"] += 1
+        if f is not None or not kwargs.get("dynamo", True) or not isinstance(model, torch.nn.Module):
+            return real(model, args, f, **kwargs)
+        key = _export_key(model, args if isinstance(args, tuple) else (args,), kwargs)
+        if key in _EXPORTS:
+            _EXPORT_STATS["hits"] += 1
+            return _Program(copy(_EXPORTS[key]))
+        prog = real(model, args, f, **kwargs)
+        if prog is not None:
+            _EXPORTS[key] = copy(prog.model_proto)  # the caller may change its own proto
+        return prog
+
+    return export
 
 
 torch.onnx.export = _cached_export(torch.onnx.export)
