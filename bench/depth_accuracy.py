@@ -1,9 +1,9 @@
 """Issue 30: at the same measured speedup at batch 1, does planning depth and width together keep more
-accuracy than widths alone, and than uniform --sparsity? Real Fashion-MNIST, ResNet-20, ONNX Runtime on this
+accuracy than widths alone, and than uniform --sparsity? Real Fashion-MNIST, ResNet-20 (or ResNet-56), ONNX Runtime on this
 CPU at batch 1, Taylor importance, 3 seeds, through `compress compare --target-speedups` with `--depth` and
 with `--no-depth` (each grid also makes a uniform child matched to its latency-aware child's speed).
 
-    .venv/bin/python bench/depth_accuracy.py [--targets 2]
+    .venv/bin/python bench/depth_accuracy.py [--targets 2] [--model resnet56]
 """
 
 import argparse
@@ -14,15 +14,16 @@ from common import FMNIST, RUNS, compress, load, md_table, require_fashion_mnist
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--targets", default="2")
+ap.add_argument("--model", default="resnet20", choices=["resnet20", "resnet56"], help="resnet56: a section of its own")
 args = ap.parse_args()
 started = time.time()
 log: list[str] = []
 require_fashion_mnist()
-parent = RUNS / "optimize" / "resnet20" / "parent"  # the same parent as bench/optimize.py (a held-out split kept)
-compress("finetune", "--model", "resnet20", "--data", "fashion-mnist", "--data-dir", FMNIST, "--train-size", 10000,
+parent = RUNS / "optimize" / args.model / "parent"  # the same parent as bench/optimize.py (a held-out split kept)
+compress("finetune", "--model", args.model, "--data", "fashion-mnist", "--data-dir", FMNIST, "--train-size", 10000,
          "--test-size", 2000, "--holdout", 0.1, "--epochs", 8, "--optimizer", "sgd", "--lr", 0.05, "--lr-schedule", "cosine",
          "--out", parent, "--overwrite", "-q", log=log, done=(parent / "model.json").exists())
-base = RUNS / "depth_accuracy"
+base = RUNS / "depth_accuracy" / ("" if args.model == "resnet20" else args.model)
 targets = [float(t) for t in args.targets.split(",")]
 runs: dict[tuple[str, int], dict] = {}
 for seed in (0, 1, 2):
@@ -68,11 +69,16 @@ for t in targets:
                             [b["top1_after_ft"] for _, b, _ in both]))
     verdicts.append(verdict(f"{t:g}x, depth + width minus uniform", [a["top1_after_ft"] for a, _, _ in both],
                             [u["top1_after_ft"] for _, _, u in both]))
-body = ("Parent: ResNet-20 trained 8 epochs on 10,000 Fashion-MNIST images (10 % held out); top-1 on 2,000 test-split images "
+pretty = {"resnet20": "ResNet-20", "resnet56": "ResNet-56"}[args.model]
+body = (f"Parent: {pretty} trained 8 epochs on 10,000 Fashion-MNIST images (10 % held out); top-1 on 2,000 test-split images "
         "it never trained on. Per seed, `compress compare --target-speedups` at batch 1 on ONNX Runtime (one thread), once with `--depth` and "
         "once with `--no-depth`; Taylor importance; every child fine-tuned 3 epochs (SGD 0.01, cosine); the uniform child's "
         "sparsity is searched to match the depth + width child's measured speed. Speedups are measured after fine-tuning.\n\n"
         + md_table(["target", "planner", "seeds reached", "top-1 before fine-tuning", "top-1 after", "measured speedups"], rows)
         + "\n\nVerdicts (paired by seed): " + "; ".join(verdicts) + ".")
-write_section("depth_accuracy", "Depth + width vs widths only vs uniform at matched measured speed, batch 1 (issue 30)", body, log,
-              started, script="depth_accuracy.py" + ("" if args.targets == "2" else f" --targets {args.targets}"))
+own = args.model != "resnet20"
+write_section("depth_accuracy" + (f"_{args.model}" if own else ""),
+              "Depth + width vs widths only vs uniform at matched measured speed, batch 1" + (f", {pretty}" if own else "")
+              + " (issue 30)", body, log, started,
+              script="depth_accuracy.py" + ("" if args.targets == "2" else f" --targets {args.targets}")
+              + (f" --model {args.model}" if own else ""))

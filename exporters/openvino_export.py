@@ -51,9 +51,10 @@ def ir_path(p: str | os.PathLike) -> Path | None:
 
 
 def compile_model(path: str | os.PathLike, device: str = "cpu", precision: str = "f32", threads: int | None = None,
-                  batch: int | None = None):
+                  batch: int | None = None, profiling: bool = False):
     """Compile an IR (.xml) or ONNX file for one device with the inference precision pinned. With `batch`
-    the dynamic batch axis is fixed first (a static shape, as deployments run it)."""
+    the dynamic batch axis is fixed first (a static shape, as deployments run it); `profiling` turns on
+    the per-node performance counters."""
     ov = require_openvino()
     if device not in DEVICES:
         raise UserError(f"OpenVINO device must be one of {', '.join(DEVICES)} (got {device})")
@@ -67,7 +68,7 @@ def compile_model(path: str | os.PathLike, device: str = "cpu", precision: str =
             model.reshape({model.inputs[0].get_any_name(): shape})
     except RuntimeError as e:
         raise UserError(f"OpenVINO cannot read {path}: {str(e).strip().splitlines()[0][:200]}") from None
-    return compile_model_object(model, device, precision, threads, what=str(path))
+    return compile_model_object(model, device, precision, threads, what=str(path), profiling=profiling)
 
 
 def compile_model_object(model, device: str, precision: str, threads: int | None = None, what: str = "the model",

@@ -17,11 +17,7 @@ def model_runner(model: nn.Module, backend: str, device: str, batch: int, shape:
     engine for this batch) through a checked ONNX export."""
     if backend == "torch":
         return TorchRunner(model, shape, batch, device)
-    from exporters.onnx_export import export
-
-    x = np.random.default_rng(0).standard_normal((8, *shape)).astype(np.float32)
-    path = workdir / f"{name}.onnx"
-    export(model.cpu().eval(), shape, path, inputs=x, inputs_are="8 random inputs")
+    path = exported(model, shape, workdir, name)
     if backend == "openvino":
         return OvRunner(path, batch, device, threads)
     if backend == "tensorrt":
@@ -31,6 +27,16 @@ def model_runner(model: nn.Module, backend: str, device: str, batch: int, shape:
         build_engine(path, plan, precision="fp32", shape=shape, min_batch=batch, opt_batch=batch, max_batch=batch)
         return TrtRunner(plan, batch)
     return OrtRunner(path, batch, device, threads)
+
+
+def exported(model: nn.Module, shape: tuple[int, ...], workdir: Path, name: str) -> Path:
+    """`workdir/name.onnx`: the model exported with its outputs checked against torch on 8 random inputs."""
+    from exporters.onnx_export import export
+
+    x = np.random.default_rng(0).standard_normal((8, *shape)).astype(np.float32)
+    path = workdir / f"{name}.onnx"
+    export(model.cpu().eval(), shape, path, inputs=x, inputs_are="8 random inputs")  # type: ignore[arg-type]
+    return path
 
 
 def paired(base: Runner, child: Runner, rounds: int = 9, warmup: int = 5, min_iters: int = 20,

@@ -37,6 +37,15 @@ def cpu() -> dict:
     }
 
 
+def channel_block() -> int:
+    """Channels per SIMD block of the CPU's blocked convolution layouts (nChw16c with AVX-512, nChw8c on
+    other x86), 1 where unknown: OpenVINO's CPU plugin pads a conv's channels up to a whole block."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return 1
+    flags = next((line for line in (_read("/proc/cpuinfo") or "").splitlines() if line.startswith("flags")), "")
+    return 16 if " avx512f" in f" {flags.split(':', 1)[-1]} " else 8
+
+
 def gpu() -> dict | None:
     if not torch.cuda.is_available():
         return None

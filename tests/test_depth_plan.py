@@ -196,7 +196,8 @@ def test_progress_lines_on_a_log(capsys):
 
 
 def test_calibration_curve_interpolates_and_bends():
-    """Through measured (layer sum, whole ms) points; past the ends along the end slopes, never below 0;
+    """Through measured (layer sum, whole ms) points; past the ends along the end slopes (below the first
+    point no steeper than in proportion to the work), never below 0;
     a noisy point that would make more work faster is lifted; the planner's prediction follows it."""
     from compressor.latency_plan import Curve
 
@@ -204,6 +205,8 @@ def test_calibration_curve_interpolates_and_bends():
     assert c(5.0) == pytest.approx(3.0) and c(7.5) == pytest.approx(3.5) and c(12.0) == pytest.approx(4.4)
     assert c(0.0) == pytest.approx(4 / 3) and c(-100.0) == 0.0
     assert Curve([(1.0, 2.0), (2.0, 1.5)])(2.0) == pytest.approx(2.0)
+    steep = Curve([(1.0, 0.5), (1.2, 0.9), (3.0, 2.0)])  # narrow copies measured far apart: slope 2 there
+    assert steep(0.5) == pytest.approx(0.25)  # below the first point, at most in proportion to the work
 
     def cost(sig, c_in, c_out):
         return 1e-3 * c_in * c_out
@@ -216,3 +219,27 @@ def test_calibration_curve_interpolates_and_bends():
     assert plan.predicted_ms == pytest.approx(bent(sum(layer.cost(cost, plan.widths) for layer in layers)))
     straight = plan_widths(groups, layers, cost, 0.8 * full)
     assert sum(plan.widths.values()) < sum(straight.widths.values())  # the bend asks for more cutting
+
+
+def test_a_negative_block_overhead_shrinks_with_its_narrowed_layers():
+    """A block measured cheaper whole than its layers' modelled cost (a negative overhead at the parent's
+    widths) still saves time once width steps have narrowed its layers: the correction scales with them,
+    so removing the block is never predicted to save nothing. (On OpenVINO a ResNet-20's blocks in
+    stages 2-3 were never removed for a 3x request because of this.)"""
+    b = DepthBlock("layer0.1", "layer0", [], [], overhead_ms=-0.04, layers_ms=0.1)
+    assert b.extra_ms(0.1) == pytest.approx(-0.04) and b.extra_ms(0.02) == pytest.approx(-0.008)
+    assert b.extra_ms(0.5) == pytest.approx(-0.04)  # never more than measured
+    assert DepthBlock("x", "s", [], [], overhead_ms=0.03, layers_ms=0.1).extra_ms(0.01) == 0.03
+
+    def cost(sig, c_in, c_out):
+        return 0.01 + 1e-4 * c_in * c_out  # a per-layer dispatch no width removes
+
+    groups, layers, blocks = _resnet_like()
+    for blk in blocks:  # at full width the block saves 0.071 - 0.04 ms; narrowed, its layers cost 0.023 ms
+        blk.overhead_ms, blk.layers_ms, blk.score = -0.04, 2 * cost("", 16, 16), 30.0  # dearer than any channel
+    parent = predict(layers, {g.name: g.n for g in groups}, cost, 0.0)
+    plan = plan_widths(groups, layers, cost, 0.05 * parent, blocks=blocks, stage_sizes=_sizes(), best_effort=True)
+    assert min(plan.widths.values()) < 16 and plan.removed  # widths first, then the blocks still save time
+    removed = [blk for blk in blocks if blk.name in plan.removed]
+    assert plan.predicted_ms == pytest.approx(predict(layers, plan.widths, cost, 0.0, removed))
+    assert plan.predicted_ms < predict(layers, plan.widths, cost, 0.0)

@@ -209,8 +209,66 @@ def test_openvino_table_times_many_layers_per_compile(monkeypatch):
     values = [t(*w) for w in wanted]  # all cached now: no further compile
     assert len(compiles) == before and all(v > 0 for v in values)
     assert t(conv, 64, 64) > t(conv, 8, 8) and t(core, 4, 4) > t(core, 1, 1)
-    assert t.print.get("timing") == "node-counters"
+    assert t.print.get("timing") == "node-counters-without-reorders"
     assert "timing" not in LayerLatency("onnxruntime", "cpu", 4, 1, None).print
+
+
+@needs_openvino
+def test_openvino_conv_outputs_are_costed_on_whole_channel_blocks(monkeypatch):
+    """OpenVINO's CPU convs compute output channels a SIMD block at a time, so a conv's output axis is
+    gridded on whole blocks and a width between is costed at its padded size; input channels, a fixed
+    width (the image's 3 channels), linear layers and other devices are left as they are."""
+    from profilers import layer_latency as ll
+
+    def fake_many(jobs, min_time_s):  # a kernel that pads outputs to 8
+        return [1e-3 * ci * (-(-co // 8) * 8) for _op, _b, ci, co in jobs]
+
+    monkeypatch.setattr(ll.sysinfo, "channel_block", lambda: 8)
+    t = ll.LayerLatency("openvino", "cpu", 1, 1, None)
+    monkeypatch.setattr(t.timer, "many", fake_many)
+    conv = t.register(ll.OpShape("conv", (3, 3), (1, 1), (1, 1), (1, 1), False, (8, 8), False))
+    stem = t.register(ll.OpShape("conv", (3, 3), (1, 1), (1, 1), (1, 1), False, (32, 32), False))
+    dw = t.register(ll.OpShape("conv", (3, 3), (1, 1), (1, 1), (1, 1), True, (8, 8), False))
+    lin = t.register(ll.OpShape("linear", spatial=(4,), bias=True))
+    widths = list(range(7, 33))
+    t.use_grid({conv: (widths, widths, False), stem: ([3], widths, False), dw: (widths, widths, True),
+                lin: (widths, widths, False)}, points=6)
+    assert all(c % 8 == 0 for c in t.grids[conv][1]) and any(c % 8 for c in t.grids[conv][0])
+    assert t.grids[stem][0] == [3] and all(c % 8 == 0 for c in t.grids[dw][0])
+    assert any(c % 8 for c in t.grids[lin][1])
+    assert t(conv, 32, 17) == pytest.approx(t(conv, 32, 24)) and t(conv, 32, 17) > t(conv, 32, 16)
+    assert t(stem, 3, 9) == pytest.approx(t(stem, 3, 16)) and t(dw, 9, 9) == pytest.approx(t(dw, 16, 16))
+    monkeypatch.setattr(ll.sysinfo, "channel_block", lambda: 1)  # a CPU whose blocks are unknown
+    assert ll.LayerLatency("openvino", "cpu", 1, 1, None).block == 1
+
+
+def test_channel_block_follows_the_cpu(monkeypatch):
+    from profilers import sysinfo
+
+    monkeypatch.setattr(sysinfo.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(sysinfo, "_read", lambda path: "processor : 0\nflags : fpu sse4_2 avx2 fma\n")
+    assert sysinfo.channel_block() == 8
+    monkeypatch.setattr(sysinfo, "_read", lambda path: "flags : fpu avx2 avx512f avx512bw\n")
+    assert sysinfo.channel_block() == 16
+    monkeypatch.setattr(sysinfo.platform, "machine", lambda: "aarch64")
+    assert sysinfo.channel_block() == 1
+
+
+def test_layer_times_leave_out_the_plugins_layout_reorders():
+    """A one-layer graph gets Reorder nodes at its input and output that a network does not run per
+    layer; the layer's time is its own nodes' (a conv plus any fused bias add)."""
+    from datetime import timedelta
+    from types import SimpleNamespace as NS
+
+    from profilers.layer_latency import _per_prefix
+
+    def node(name, kind, us, status="Status.EXECUTED"):
+        return NS(node_name=name, node_type=kind, status=status, real_time=timedelta(microseconds=us))
+
+    info = [node("e0_x_abcd_acdb_e0_y", "Reorder", 6), node("e0_y", "Convolution", 37),
+            node("e0_y_acdb_abcd_e0_y/sink_port_0", "Reorder", 41), node("e1_m", "MatMul", 10),
+            node("e1_y", "Eltwise", 2), node("e1_skip", "Convolution", 99, "Status.NOT_EXECUTED")]
+    assert _per_prefix(info, ["e0_", "e1_"]) == pytest.approx([0.037, 0.012])
 
 
 @needs_openvino
@@ -236,3 +294,20 @@ def test_openvino_grid_answers_every_width_from_a_few_measured(monkeypatch):
     mid = (xs[1] + xs[2]) // 2
     assert min(corners) - 1e-12 <= t(conv, mid, mid) <= max(corners) + 1e-12
     assert t(dw, 20, 20) > 0 and compiles == []
+
+
+@needs_openvino
+def test_a_blocks_cost_inside_a_network_is_its_own_nodes(tmp_path):
+    """A residual block timed for the depth planner on OpenVINO: its nodes' counters, without the layout
+    Reorders at its ends and the request's own cost, so no more than its wall-clock time."""
+    import torch.nn as nn
+
+    from profilers.layer_latency import network_node_ms
+    from profilers.paired import exported, model_runner
+    from profilers.runners import measure
+
+    block = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()).eval()
+    path = exported(block, (16, 16, 16), tmp_path, "block")
+    inside = network_node_ms(path, "cpu", 1, 1, min_time_s=0.05)
+    wall = float(np.median(measure(model_runner(block, "openvino", "cpu", 1, (16, 16, 16), tmp_path, "b", 1), 3, 20, 0.05)))
+    assert 0 < inside < wall
