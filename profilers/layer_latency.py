@@ -250,16 +250,8 @@ class _OvTimer(_OrtTimer):
         model.ir_version = 8
         compiled = compile_model_object(self.ov.convert_model(io.BytesIO(model.SerializeToString())), self.device, "f32",
                                         self.threads, profiling=True)
-        request = compiled.create_infer_request()
-        prefixes = [f"e{i}_" for i in range(len(jobs))]
-        runs: list[list[float]] = []
-        for _ in range(2):
-            request.infer(feeds)
-        t_end = time.perf_counter() + min_time_s * len(jobs) ** 0.5
-        while len(runs) < 7 or (time.perf_counter() < t_end and len(runs) < 200):
-            request.infer(feeds)
-            runs.append(_per_prefix(request.profiling_info, prefixes))
-        return [float(np.median([r[i] for r in runs])) for i in range(len(jobs))]
+        return _median_counters(compiled.create_infer_request(), feeds, [f"e{i}_" for i in range(len(jobs))],
+                                min_time_s * len(jobs) ** 0.5, 200)
 
 
 def network_node_ms(path: Path, device: str, batch: int, threads: int | None, min_time_s: float = 0.2) -> float:
@@ -268,16 +260,20 @@ def network_node_ms(path: Path, device: str, batch: int, threads: int | None, mi
     from exporters.openvino_export import compile_model
 
     compiled = compile_model(path, device, "f32", threads, batch, profiling=True)
-    request = compiled.create_infer_request()
     x = np.random.default_rng(1).standard_normal([int(d) for d in compiled.input(0).get_shape()]).astype(np.float32)
-    runs: list[float] = []
-    for _ in range(3):
-        request.infer({0: x})
+    return _median_counters(compiled.create_infer_request(), {0: x}, [""], min_time_s, 500)[0]
+
+
+def _median_counters(request, feeds, prefixes: list[str], min_time_s: float, max_runs: int) -> list[float]:
+    """Per prefix, the median over runs (7 at least, then until min_time_s or max_runs) of its nodes' ms."""
+    for _ in range(2):
+        request.infer(feeds)
+    runs: list[list[float]] = []
     t_end = time.perf_counter() + min_time_s
-    while len(runs) < 7 or (time.perf_counter() < t_end and len(runs) < 500):
-        request.infer({0: x})
-        runs.append(_per_prefix(request.profiling_info, [""])[0])
-    return float(np.median(runs))
+    while len(runs) < 7 or (time.perf_counter() < t_end and len(runs) < max_runs):
+        request.infer(feeds)
+        runs.append(_per_prefix(request.profiling_info, prefixes))
+    return [float(np.median([r[i] for r in runs])) for i in range(len(prefixes))]
 
 
 def _per_prefix(info, prefixes: list[str]) -> list[float]:
@@ -290,9 +286,8 @@ def _per_prefix(info, prefixes: list[str]) -> list[float]:
         if node.node_type == "Reorder":
             continue
         if str(node.status).endswith("EXECUTED") and not str(node.status).endswith("NOT_EXECUTED"):
-            name = node.node_name
-            p = "" if prefixes == [""] else (name[:name.index("_") + 1] if "_" in name else "")
-            if p in total:
+            p = next((p for p in prefixes if node.node_name.startswith(p)), None)  # "e1_" never matches "e10_..."
+            if p is not None:
                 total[p] += node.real_time.total_seconds() * 1000.0
     return list(total.values())
 
