@@ -92,16 +92,22 @@ class DepthBlock:
         return self.overhead_ms * min(layers_now_ms / self.layers_ms, 1.0)
 
 
-def ladder(n: int, round_to: int | None = None, levels: int = 16, min_fraction: float = 0.0) -> list[int]:
+def ladder(n: int, round_to: int | None = None, levels: int = 16, min_fraction: float = 0.0,
+           align: tuple[int, int] = (1, 1)) -> list[int]:
     """Kept widths a group may take, at least `min_fraction` of n: multiples of round_to when given,
     otherwise about `levels` evenly spaced widths and every multiple of 8 in between (the widths CPU/GPU
-    kernels favour; whether they are faster here is for the measured table to say)."""
+    kernels favour; whether they are faster here is for the measured table to say). `align` = (multiple,
+    least) keeps every width the runtime's fast kernels accept (see LayerLatency.align), n itself always."""
     floor = max(1, -(-int(n * min_fraction * 1000) // 1000))  # ceil without float surprises
     if round_to:
         multiples = [k for k in range(round_to, n + 1, round_to) if k >= floor]
-        return sorted(set(multiples) | {n}) if multiples else [n]
-    step = max(1, n // levels)
-    out = {k for k in set(range(step, n + 1, step)) | set(range(8, n + 1, 8)) if k >= floor} | {n}
+        out = set(multiples) | {n} if multiples else {n}
+    else:
+        step = max(1, n // levels)
+        out = {k for k in set(range(step, n + 1, step)) | set(range(8, n + 1, 8)) if k >= floor} | {n}
+    multiple, least = align
+    if multiple > 1 and n >= least:
+        out = {min(n, max(least, -(-k // multiple) * multiple)) for k in out}
     return sorted(out)
 
 

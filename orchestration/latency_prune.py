@@ -98,7 +98,8 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
     pruner, infos, scores = unit_scores(parent, spec, cfg, calib, device, reporter)
     layers = _layers(parent, pruner, infos, op_shapes(parent, shape), table)
     groups = [Group(i.name, i.n_units, scores[i.name],  # `round_to` counts channels, not heads
-                    ladder(i.n_units, None if i.kind == "head" else cfg.round_to, min_fraction=target.min_fraction))
+                    ladder(i.n_units, None if i.kind == "head" else cfg.round_to, min_fraction=target.min_fraction,
+                           align=table.align if i.kind == "channel" else (1, 1)))
               for i in infos]
     if table.batched:
         with reporter.task("latency table: every layer on a grid of widths", None) as advance:
@@ -342,9 +343,9 @@ def _block_overheads(parent: nn.Module, shape: tuple[int, int, int], blocks: lis
             key = "block|" + hashlib.sha256(f"{m!r}|{in_shape}".encode()).hexdigest()[:20]
 
             def timed(m=m, in_shape=in_shape, name=b.name) -> float:
-                if table.batched:  # OpenVINO: its nodes' counters, as the table's layers (no Reorders at its ends)
+                if table.node_timed:  # the runtime's own node times, as the table's layers (no reorders at its ends)
                     path = exported(clone(m), in_shape, tmp, "block-" + name.replace(".", "_"))
-                    return network_node_ms(path, target.device, target.batch, target.threads)
+                    return network_node_ms(path, target.backend, target.device, target.batch, target.threads)
                 runner = model_runner(clone(m).cpu().eval(), target.backend, target.device, target.batch, in_shape, tmp,
                                       "block-" + name.replace(".", "_"), target.threads)
                 try:

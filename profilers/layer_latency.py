@@ -10,6 +10,7 @@ models and runs and a different machine or version never reads another's numbers
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -160,16 +161,21 @@ class _OrtTimer:
     """One-node ONNX graphs built directly with onnx.helper (exporting each layer through torch.onnx would
     take seconds per entry; a table needs hundreds)."""
 
+    node_timed = True  # op() reads the runtime's per-node profile, not the wall clock
+
     def __init__(self, threads: int | None):
         self.threads = threads
+        self.reference_ms: float | None = None  # the reference conv's time every entry is scaled to
 
     @staticmethod
-    def _graph(node_fn, x_shape) -> bytes:
+    def _graph(node_fn, x_shape, inputs: dict[str, tuple[int, ...]] | None = None) -> bytes:
         from onnx import TensorProto, helper
 
         nodes, inits = node_fn()
-        graph = helper.make_graph(nodes, "op", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        ins = inputs or {"x": tuple(x_shape)}
+        outs = [name.removesuffix("x") + "y" for name in ins]  # _op_nodes: `{p}x` in, `{p}y` out
+        graph = helper.make_graph(nodes, "op", [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v)) for k, v in ins.items()],
+                                  [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
         return model.SerializeToString()
@@ -184,14 +190,127 @@ class _OrtTimer:
         return ort.InferenceSession(self._graph(node_fn, x_shape), sess_options=so, providers=["CPUExecutionProvider"])
 
     def op(self, op: OpShape, batch: int, c_in: int, c_out: int, min_time_s: float) -> float:
+        """The layer's kernel time, run beside a fixed reference conv in one graph and scaled by the
+        reference's first time: on a shared VM the machine's speed wanders by tens of percent between
+        seconds (bench/runtime_noise.py), so an entry timed in a fast moment looked cheap, and a plan made
+        of the entries that happened to look cheap ran 20-35 % slower than predicted (measured here: a
+        ResNet-56 child's layers cost 0.43 of the parent's in the table, 0.52-0.53 re-timed side by side)."""
         x_shape = _input_shape(op, batch, c_in)
-        return _time(self._session(lambda: _op_nodes(op, c_in, c_out), x_shape), x_shape, min_time_s)
+        ref_shape = (1, _REF_CHANNELS, *_REF.spatial)
+
+        def nodes():
+            a, wa = _op_nodes(op, c_in, c_out, "e_")
+            b, wb = _op_nodes(_REF, _REF_CHANNELS, _REF_CHANNELS, "ref_")
+            return a + b, wa + wb
+
+        runs = _ort_profile_runs(self._graph(nodes, x_shape, {"e_x": x_shape, "ref_x": ref_shape}), self.threads,
+                                 min_time_s, reference="ref_")
+        ref = _central(runs[:, 1])
+        if self.reference_ms is None:
+            self.reference_ms = ref
+        return float(self.reference_ms * _central(runs[:, 0] / np.maximum(runs[:, 1], 1e-6)))
 
     def overhead(self, shape: tuple[int, ...], min_time_s: float) -> float:
         from onnx import helper
 
         sess = self._session(lambda: ([helper.make_node("Identity", ["x"], ["y"])], []), shape)
         return _time(sess, shape, min_time_s)
+
+
+_REF = OpShape("conv", (3, 3), (1, 1), (1, 1), (1, 1), False, (16, 16), False)  # the table's speed gauge
+_REF_CHANNELS = 32
+
+
+def _central(values: np.ndarray) -> float:
+    """Mean of the middle half: ONNX Runtime's profiler counts whole microseconds, so a median of a few-µs
+    kernel would move in steps."""
+    kept = np.sort(np.asarray(values, dtype=float))
+    q = len(kept) // 4
+    return float(kept[q:len(kept) - q].mean())
+
+
+def ort_node_ms(model: bytes | Path, threads: int | None, min_time_s: float = 0.2, max_runs: int = 500,
+                batch: int = 1) -> float:
+    """ms per run that ONNX Runtime's CPU provider spends in a graph's own kernels, read from its profiler,
+    with the NCHWc layout reorders it adds at the graph's ends left out: what a layer or a block costs
+    inside a network, where its neighbours already hold that layout (measured here: a 16-channel 3x3 conv
+    at 32x32 ran 0.075 ms, its two reorders 0.025 ms more, and the wall clock added the per-call cost)."""
+    return _central(_ort_profile_runs(model, threads, min_time_s, max_runs, batch)[:, 0])
+
+
+def _ort_profile_runs(model: bytes | Path, threads: int | None, min_time_s: float, max_runs: int = 500, batch: int = 1,
+                      reference: str | None = None) -> np.ndarray:
+    """Per run after 2 warm-ups (at least 7, then until min_time_s or max_runs): ms of kernel time, and with
+    `reference` a second column for the nodes whose names start with it."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="compress-ort-profile-") as tmp:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / "profile")
+        if threads:
+            so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        sess = ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=so,
+                                    providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(1)
+        feeds = {i.name: rng.standard_normal([d if isinstance(d, int) and d > 0 else batch for d in i.shape]).astype(np.float32)
+                 for i in sess.get_inputs()}
+        warm, runs = 2, 0
+        t_end = time.perf_counter() + min_time_s
+        while runs < warm + 7 or (time.perf_counter() < t_end and runs < warm + max_runs):
+            sess.run(None, feeds)
+            runs += 1
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    return _kernel_ms_per_run(events, reference)[warm:]
+
+
+def _kernel_ms_per_run(events: list[dict], reference: str | None = None) -> np.ndarray:
+    """ms of kernel time per run in an ONNX Runtime profile (its chrome-trace events), reorders left out;
+    one column, or two where nodes named `reference...` are counted apart."""
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    per_run = np.zeros((len(starts), 2 if reference else 1))
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        if str(e.get("args", {}).get("op_name", "")).startswith("Reorder"):
+            continue
+        col = 1 if reference and e["name"].startswith(reference) else 0
+        per_run[max(0, int(np.searchsorted(starts, e["ts"], side="right")) - 1), col] += e["dur"] / 1000.0
+    return per_run
+
+
+def ort_nchwc_alignment() -> tuple[int, int]:
+    """(multiple, least) input channels for which ONNX Runtime's CPU provider runs a conv in its blocked
+    NCHWc layout here, (1, 1) where it has none: read from the graph its optimizer writes for a probe conv,
+    since the rule changes between versions (1.32: a multiple of 4 at or above the SIMD block, padded to
+    the block). Off that path a conv runs as NCHW im2col, measured here ~2x slower (17 -> 17 channels of
+    3x3 at 32x32: 0.15 ms; 24 -> 24: 0.13 ms), with layout conversions around it inside a network, which
+    layers timed alone cannot show; so a width plan keeps to widths on the path."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    def blocked(c_in: int) -> bool:
+        op = OpShape("conv", (3, 3), (1, 1), (1, 1), (1, 1), False, (8, 8), False)
+        with tempfile.TemporaryDirectory(prefix="compress-nchwc-") as tmp:
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+            ort.InferenceSession(_OrtTimer._graph(lambda: _op_nodes(op, c_in, 16), (1, c_in, 8, 8)), sess_options=so,
+                                 providers=["CPUExecutionProvider"])
+            return any("nchwc" in n.domain for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+    block = sysinfo.channel_block()
+    if block <= 1:
+        return (1, 1)
+    for multiple in (4, 8, 16):
+        if multiple <= block and blocked(3 * block if multiple == block else block + multiple):
+            return (multiple, block)
+    return (1, 1)
 
 
 class _OvTimer(_OrtTimer):
@@ -254,9 +373,12 @@ class _OvTimer(_OrtTimer):
                                 min_time_s * len(jobs) ** 0.5, 200)
 
 
-def network_node_ms(path: Path, device: str, batch: int, threads: int | None, min_time_s: float = 0.2) -> float:
-    """Median ms a compiled OpenVINO network spends in its own nodes, the plugin's layout Reorders left
-    out: what a subgraph (a residual block) costs inside a network, on the table's terms."""
+def network_node_ms(path: Path, backend: str, device: str, batch: int, threads: int | None,
+                    min_time_s: float = 0.2) -> float:
+    """ms an exported network spends in its own nodes on ONNX Runtime or OpenVINO, the runtime's layout
+    reorders left out: what a subgraph (a residual block) costs inside a network, on the table's terms."""
+    if backend == "onnxruntime":
+        return ort_node_ms(path, threads, min_time_s, batch=batch)
     from exporters.openvino_export import compile_model
 
     compiled = compile_model(path, device, "f32", threads, batch, profiling=True)
@@ -314,6 +436,12 @@ class _TrtTimer(_OrtTimer):
         super().__init__(None)
         self.timing_cache = timing_cache
 
+    node_timed = False
+
+    def op(self, op: OpShape, batch: int, c_in: int, c_out: int, min_time_s: float) -> float:
+        x_shape = _input_shape(op, batch, c_in)
+        return _time(self._session(lambda: _op_nodes(op, c_in, c_out), x_shape), x_shape, min_time_s)
+
     def _session(self, node_fn, x_shape):
         import tempfile
 
@@ -352,6 +480,8 @@ def _time(sess, shape, min_time_s: float) -> float:
 
 
 class _TorchTimer:
+    node_timed = False
+
     def __init__(self, device: str, threads: int | None):
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -401,7 +531,10 @@ def fingerprint(backend: str, device: str, batch: int, threads: int | None) -> d
     return {"cpu": m["cpu"].get("model"), "cpus": m["cpu"].get("usable_cpus"), "gpu": gpu, "backend": backend,
             "device": device, "batch": batch, "threads": threads,
             "versions": {k: m["versions"].get(k) for k in ("torch", "onnxruntime", "openvino", "tensorrt")}, "format": 1,
-            **({"timing": "node-counters-without-reorders"} if backend == "openvino" else {})}
+            **({"timing": _TIMING[backend]} if backend in _TIMING else {})}
+
+
+_TIMING = {"openvino": "node-counters-without-reorders", "onnxruntime": "node-profile-without-reorders-vs-reference"}  # in fingerprints
 
 
 GRID_POINTS = 6  # widths per axis a batched backend measures per layer signature
@@ -466,6 +599,8 @@ class LayerLatency:
                 if doc.get("fingerprint") == self.print:
                     self.entries = {k: float(v) for k, v in doc.get("entries", {}).items()}
                     self.overheads = {k: float(v) for k, v in doc.get("overheads", {}).items()}
+                    if hasattr(self.timer, "reference_ms") and doc.get("reference_ms"):
+                        self.timer.reference_ms = float(doc["reference_ms"])  # new entries on the cached ones' scale
             except (json.JSONDecodeError, OSError, TypeError, ValueError, AttributeError):
                 self.entries = {}  # an unreadable cache is rebuilt, not trusted
 
@@ -484,7 +619,7 @@ class LayerLatency:
         op = self.ops[key]
         t0 = time.perf_counter()
         ms = self.timer.op(op, self.batch, c_in, c_out, self.min_time_s)
-        if not self.batched:  # wall clock: less the per-call cost (node counters have none)
+        if not self.timer.node_timed:  # wall clock: less the per-call cost (node times have none)
             ms = max(0.0, ms - self.overhead(_input_shape(op, self.batch, c_in)))
         self.measure_s += time.perf_counter() - t0
         self.entries[entry] = ms
@@ -492,6 +627,16 @@ class LayerLatency:
         if self.on_measure is not None:
             self.on_measure()
         return ms
+
+    @functools.cached_property
+    def align(self) -> tuple[int, int]:
+        """(multiple, least) channel widths the runtime's fast conv kernels accept; (1, 1): any."""
+        return ort_nchwc_alignment() if type(self.timer) is _OrtTimer else (1, 1)
+
+    @property
+    def node_timed(self) -> bool:
+        """Entries are the runtime's own per-node times (no per-call cost, no layout reorders at the ends)."""
+        return self.timer.node_timed
 
     @property
     def batched(self) -> bool:
@@ -582,7 +727,8 @@ class LayerLatency:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic.write_json(self.path, {"fingerprint": self.print, "entries": self.entries, "overheads": self.overheads})
+            atomic.write_json(self.path, {"fingerprint": self.print, "entries": self.entries, "overheads": self.overheads,
+                                          "reference_ms": getattr(self.timer, "reference_ms", None)})
         except OSError as e:
             raise UserError(f"cannot write the latency cache {self.path}: {e.strerror}") from None
 

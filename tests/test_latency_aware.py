@@ -83,6 +83,8 @@ def test_cache_hit_miss_and_fingerprint(tmp_path, monkeypatch):
     calls = []
 
     class FakeTimer:
+        node_timed = False  # a wall-clock timer (torch, TensorRT): the per-call cost comes off
+
         def op(self, op, batch, c_in, c_out, min_time_s):
             calls.append((c_in, c_out))
             return 1.0 + c_in * c_out / 100.0
@@ -111,6 +113,61 @@ def test_cache_hit_miss_and_fingerprint(tmp_path, monkeypatch):
     assert len(calls) == 2  # a different machine never reads this machine's numbers
     batch8 = ll.LayerLatency("onnxruntime", "cpu", 8, None, tmp_path)
     assert batch8.path != t.path
+    FakeTimer.node_timed = True  # the runtime's own node times carry no per-call cost
+    profiled = ll.LayerLatency("onnxruntime", "cpu", 2, None, None)
+    assert profiled(profiled.register(op), 4, 8) == pytest.approx(1.32)
+
+
+def test_ort_profile_per_run_leaves_out_reorders():
+    from profilers.layer_latency import _kernel_ms_per_run
+
+    def node(ts, dur, op):
+        return {"cat": "Node", "name": f"n{ts}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+
+    events = [{"cat": "Session", "name": "model_run", "ts": 0, "dur": 90}, node(1, 10, "ReorderInput"),
+              node(12, 40, "Conv"), node(53, 9, "ReorderOutput"), {"cat": "Node", "name": "n60_fence_after", "ts": 60, "dur": 3},
+              {"cat": "Session", "name": "model_run", "ts": 100, "dur": 90}, node(101, 11, "ReorderInput"),
+              node(113, 42, "Conv"), node(156, 4, "Relu")]
+    assert _kernel_ms_per_run(events)[:, 0].tolist() == pytest.approx([0.040, 0.046])
+    events.append(node(170, 20, "Conv") | {"name": "ref_y_nchwc_kernel_time"})
+    assert _kernel_ms_per_run(events, "ref_").ravel().tolist() == pytest.approx([0.040, 0.0, 0.046, 0.020])
+
+
+def test_ort_entries_scaled_to_the_reference_timed_beside_them(monkeypatch):
+    """A layer timed while the machine ran at half speed costs what it costs at the table's speed: each
+    entry is its time relative to the reference conv in the same runs, times the reference's first time."""
+    from profilers import layer_latency as ll
+
+    speed = iter([1.0, 2.0])  # the second entry is timed on a machine twice as slow
+
+    def fake_runs(model, threads, min_time_s, max_runs=500, batch=1, reference=None):
+        s = next(speed)
+        return np.array([[0.10 * s, 0.05 * s]] * 9)
+
+    monkeypatch.setattr(ll, "_ort_profile_runs", fake_runs)
+    timer = ll._OrtTimer(1)
+    op = ll.OpShape("conv", (3, 3), (1, 1), (1, 1), (1, 1), False, (8, 8), False)
+    assert timer.op(op, 1, 8, 8, 0.01) == pytest.approx(0.10)
+    assert timer.op(op, 1, 8, 8, 0.01) == pytest.approx(0.10) and timer.reference_ms == pytest.approx(0.05)
+
+
+def test_ort_node_time_below_wall_clock():
+    """A conv's kernel time from ONNX Runtime's profiler is what it costs inside a network: less than the
+    wall clock around a one-conv session, which pays for the call and the NCHWc reorders at its ends."""
+    from profilers import layer_latency as ll
+
+    op = ll.OpShape("conv", (3, 3), (1, 1), (1, 1), (1, 1), False, (16, 16), False)
+    timer = ll._OrtTimer(1)
+    graph = lambda: ll._op_nodes(op, 16, 16)  # noqa: E731
+    inside = timer.op(op, 1, 16, 16, 0.05)
+    wall = ll._time(timer._session(graph, (1, 16, 16, 16)), (1, 16, 16, 16), 0.05)
+    assert 0 < inside < wall
+
+
+def test_ladder_keeps_to_the_runtimes_fast_widths():
+    assert ladder(16, min_fraction=0.2, align=(4, 8)) == [8, 12, 16]  # not 4..7 nor 9, 10, 11, 13, 14, 15
+    assert ladder(6, align=(4, 8)) == list(range(1, 7))  # a group narrower than the block is left alone
+    assert all(w % 4 == 0 for w in ladder(100, align=(4, 8))[:-1]) and ladder(100, align=(4, 8))[-1] == 100
 
 
 def test_real_onnxruntime_entry_grows_with_width():

@@ -210,7 +210,8 @@ def test_openvino_table_times_many_layers_per_compile(monkeypatch):
     assert len(compiles) == before and all(v > 0 for v in values)
     assert t(conv, 64, 64) > t(conv, 8, 8) and t(core, 4, 4) > t(core, 1, 1)
     assert t.print.get("timing") == "node-counters-without-reorders"
-    assert "timing" not in LayerLatency("onnxruntime", "cpu", 4, 1, None).print
+    assert LayerLatency("onnxruntime", "cpu", 4, 1, None).print.get("timing") == "node-profile-without-reorders-vs-reference"
+    assert "timing" not in LayerLatency("torch", "cpu", 4, 1, None).print
 
 
 @needs_openvino
@@ -308,6 +309,6 @@ def test_a_blocks_cost_inside_a_network_is_its_own_nodes(tmp_path):
 
     block = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()).eval()
     path = exported(block, (16, 16, 16), tmp_path, "block")
-    inside = network_node_ms(path, "cpu", 1, 1, min_time_s=0.05)
+    inside = network_node_ms(path, "openvino", "cpu", 1, 1, min_time_s=0.05)
     wall = float(np.median(measure(model_runner(block, "openvino", "cpu", 1, (16, 16, 16), tmp_path, "b", 1), 3, 20, 0.05)))
     assert 0 < inside < wall
