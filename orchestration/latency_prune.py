@@ -101,7 +101,7 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
                     ladder(i.n_units, None if i.kind == "head" else cfg.round_to, min_fraction=target.min_fraction,
                            align=table.align if i.kind == "channel" else (1, 1)))
               for i in infos]
-    if table.batched:
+    if table.gridded:
         with reporter.task("latency table: every layer on a grid of widths", None) as advance:
             table.on_measure = lambda: advance(0, info=f"{table.measured} entries measured")
             table.use_grid(_grid_axes(layers, groups))

@@ -537,7 +537,7 @@ def fingerprint(backend: str, device: str, batch: int, threads: int | None) -> d
 _TIMING = {"openvino": "node-counters-without-reorders", "onnxruntime": "node-profile-without-reorders-vs-reference"}  # in fingerprints
 
 
-GRID_POINTS = 6  # widths per axis a batched backend measures per layer signature
+GRID_POINTS = 6  # widths per axis measured per layer signature on a gridded backend
 
 
 def _ceil(v: int, block: int) -> int:
@@ -581,7 +581,8 @@ class LayerLatency:
         else:
             self.timer = _TorchTimer(device, threads)
         self.entries: dict[str, float] = {}
-        self.grids: dict[str, tuple[list[int], list[int], bool]] = {}  # signature -> interpolation grid
+        self.grids: dict[str, tuple[list[int], list[int], bool]] = {}  # signature -> the widths measured
+        self.fits: dict[str, tuple[np.ndarray, float]] = {}  # signature -> (cost-form coefficients, least answer)
         self.aligned: dict[str, tuple[int, int]] = {}  # signature -> channels per block on each grid axis
         # OpenVINO's CPU convolutions compute output channels a SIMD block at a time: measured here, a 3x3
         # conv at 16x16 from 32 channels took 0.035 ms for 16 outputs, 0.058-0.062 for 17-23 and 0.051 for
@@ -610,22 +611,26 @@ class LayerLatency:
 
     def __call__(self, key: str, c_in: int, c_out: int) -> float:
         entry = f"{key}|{c_in}|{c_out}"
+        if key in self.fits:
+            self.hits += 1
+            return self._fitted(key, c_in, c_out)
         if entry in self.entries:
             self.hits += 1
             return self.entries[entry]
-        if key in self.grids:
-            self.hits += 1
-            return self._interpolated(key, c_in, c_out)
-        op = self.ops[key]
         t0 = time.perf_counter()
+        ms = self._measure(key, c_in, c_out)
+        self.measure_s += time.perf_counter() - t0
+        if self.on_measure is not None:
+            self.on_measure()
+        return ms
+
+    def _measure(self, key: str, c_in: int, c_out: int) -> float:
+        op = self.ops[key]
         ms = self.timer.op(op, self.batch, c_in, c_out, self.min_time_s)
         if not self.timer.node_timed:  # wall clock: less the per-call cost (node times have none)
             ms = max(0.0, ms - self.overhead(_input_shape(op, self.batch, c_in)))
-        self.measure_s += time.perf_counter() - t0
-        self.entries[entry] = ms
+        self.entries[f"{key}|{c_in}|{c_out}"] = ms
         self.measured += 1
-        if self.on_measure is not None:
-            self.on_measure()
         return ms
 
     @functools.cached_property
@@ -639,15 +644,20 @@ class LayerLatency:
         return self.timer.node_timed
 
     @property
-    def batched(self) -> bool:
-        """Times many layers per compiled model (OpenVINO): measuring is cheap in bulk, dear one by one."""
-        return isinstance(self.timer, _OvTimer)
+    def gridded(self) -> bool:
+        """Answers every width from a cost form fitted to a grid of measured widths (use_grid), not from
+        single entries: the runtimes' per-node times (ONNX Runtime, OpenVINO)."""
+        return type(self.timer) in (_OrtTimer, _OvTimer)
 
     def use_grid(self, axes: dict[str, tuple[list[int], list[int], bool]], points: int = GRID_POINTS) -> None:
         """Measure each signature on a coarse grid of the (c_in, c_out) its layers can take (`points` widths
-        per axis, the ends included; along the diagonal for depthwise layers and attention cores) in bulk,
-        and answer every other width by bilinear interpolation between grid entries. For a batched backend a
-        planning step's few new entries would otherwise cost a compile each (minutes on a 224x224 network)."""
+        per axis, the ends included; along the diagonal for depthwise layers and attention cores) and answer
+        every width from the cost form fitted to that grid (_fit). Measured here: a small layer's single
+        entry is mostly the profiler's per-node floor plus noise as large as the real step between widths
+        (a depthwise 3x3 at 1x1 pixels, 928-960 channels: 9.7-11.2 us with no trend, cached entries 5.0 and
+        8.4 us), so a planner reading single entries picks the ones that came out low and its child runs
+        slower than promised (MobileNetV2 at 32x32: promised 4.76x, measured 1.85x). On OpenVINO the grid
+        also saves a compile per planning step (minutes on a 224x224 network)."""
         wanted = []
         for key, (ins, outs, diagonal) in axes.items():
             bx, by = (self._block_for(key, ins) if diagonal else 1), self._block_for(key, outs)
@@ -657,51 +667,62 @@ class LayerLatency:
             self.aligned[key] = (bx, bx if diagonal else by)
             wanted += [(key, x, x) for x in xs] if diagonal else [(key, x, y) for x in xs for y in ys]
         self.prefetch(wanted)
+        for key in axes:
+            self.fits[key] = self._fit(key)
 
     def _block_for(self, key: str, values: list[int]) -> int:
         """A conv's output axis that moves is costed on whole channel blocks; a fixed width is measured as
         it is."""
         return self.block if self.ops[key].kind == "conv" and len(set(values)) > 1 else 1
 
-    def _interpolated(self, key: str, c_in: int, c_out: int) -> float:
+    @staticmethod
+    def _terms(x: np.ndarray, y: np.ndarray, diagonal: bool) -> np.ndarray:
+        """The cost form's terms: per call, per input channel, per output channel, per MAC (in x out); a
+        depthwise layer or attention core moves in and out together and costs per call + per channel."""
+        one = np.ones_like(x, dtype=float)
+        return np.stack([one, x] if diagonal else [one, x, y, x * y], axis=1).astype(float)
+
+    def _fit(self, key: str) -> tuple[np.ndarray, float]:
+        """Least squares on the grid's entries, weighted by 1/cost so every width counts by its relative
+        error (a constant and three slopes from 36 entries: one entry's noise moves the answer a little).
+        Hand-written: a four-term weighted fit is one numpy call; no library fits runtime cost forms."""
+        xs, ys, diagonal = self.grids[key]
+        pts = [(x, x) for x in xs] if diagonal else [(x, y) for x in xs for y in ys]
+        m = np.array([self.entries[f"{key}|{x}|{y}"] for x, y in pts])
+        a = np.array(pts, dtype=float)
+        w = 1.0 / np.maximum(m, 1e-6)
+        coef = np.linalg.lstsq(self._terms(a[:, 0], a[:, 1], diagonal) * w[:, None], m * w, rcond=None)[0]
+        return coef, 0.5 * float(m.min())  # a width is never answered below half the cheapest measured
+
+    def _fitted(self, key: str, c_in: int, c_out: int) -> float:
         xs, ys, diagonal = self.grids[key]
         bx, by = self.aligned.get(key, (1, 1))
-        c_in, c_out = _ceil(c_in, bx), _ceil(c_out, by)
-
-        def at(x: int, y: int) -> float:
-            return self.entries[f"{key}|{x}|{y}"]
-
-        def bracket(vals: list[int], v: int) -> tuple[int, int, float]:
-            v = min(max(v, vals[0]), vals[-1])
-            j = next((i for i, a in enumerate(vals) if a >= v), len(vals) - 1)
-            lo, hi = vals[max(j - 1, 0)], vals[j]
-            return lo, hi, (v - lo) / (hi - lo) if hi > lo else 0.0
-
-        x0, x1, tx = bracket(xs, c_in)
-        if diagonal:
-            return (1 - tx) * at(x0, x0) + tx * at(x1, x1)
-        y0, y1, ty = bracket(ys, c_out)
-        return ((1 - tx) * (1 - ty) * at(x0, y0) + tx * (1 - ty) * at(x1, y0) + (1 - tx) * ty * at(x0, y1)
-                + tx * ty * at(x1, y1))
+        x = min(max(_ceil(c_in, bx), xs[0]), xs[-1])  # the grid spans every width the planner asks
+        y = x if diagonal else min(max(_ceil(c_out, by), ys[0]), ys[-1])
+        coef, least = self.fits[key]
+        return max(float(self._terms(np.array([x]), np.array([y]), diagonal)[0] @ coef), least)
 
     def prefetch(self, wanted: list[tuple[str, int, int]]) -> None:
-        """Measure these (signature, c_in, c_out) entries together where the backend times many layers per
-        compiled model (OpenVINO); elsewhere entries are measured one by one when asked."""
-        if not isinstance(self.timer, _OvTimer):  # (self.batched, spelled out for the type checker)
-            return
-        timer = self.timer
+        """Measure the (signature, c_in, c_out) entries not cached yet: many to a compiled model where the
+        backend times many layers per model (OpenVINO), else one by one."""
         missing = list(dict.fromkeys(w for w in wanted if f"{w[0]}|{w[1]}|{w[2]}" not in self.entries))
         if not missing:
             return
         t0 = time.perf_counter()
-        for start in range(0, len(missing), _OvTimer.CHUNK):
-            chunk = missing[start:start + _OvTimer.CHUNK]
-            times = timer.many([(self.ops[k], self.batch, ci, co) for k, ci, co in chunk], self.min_time_s)
-            for (k, ci, co), ms in zip(chunk, times):
-                self.entries[f"{k}|{ci}|{co}"] = ms
-            self.measured += len(chunk)
-            if self.on_measure is not None:
-                self.on_measure()
+        if isinstance(self.timer, _OvTimer):
+            for start in range(0, len(missing), _OvTimer.CHUNK):
+                chunk = missing[start:start + _OvTimer.CHUNK]
+                times = self.timer.many([(self.ops[k], self.batch, ci, co) for k, ci, co in chunk], self.min_time_s)
+                for (k, ci, co), ms in zip(chunk, times):
+                    self.entries[f"{k}|{ci}|{co}"] = ms
+                self.measured += len(chunk)
+                if self.on_measure is not None:
+                    self.on_measure()
+        else:
+            for k, ci, co in missing:
+                self._measure(k, ci, co)
+                if self.on_measure is not None:
+                    self.on_measure()
         self.measure_s += time.perf_counter() - t0
 
     def overhead(self, shape: tuple[int, ...]) -> float:

@@ -118,6 +118,64 @@ def test_cache_hit_miss_and_fingerprint(tmp_path, monkeypatch):
     assert profiled(profiled.register(op), 4, 8) == pytest.approx(1.32)
 
 
+def _fake_ort_table(monkeypatch, cost):
+    """An ONNX Runtime table whose timer answers `cost(c_in, c_out)` and counts its calls."""
+    from profilers import layer_latency as ll
+
+    calls = []
+
+    class FakeTimer:
+        node_timed = True
+
+        def op(self, op, batch, c_in, c_out, min_time_s):
+            calls.append((c_in, c_out))
+            return cost(c_in, c_out)
+
+    assert ll.LayerLatency("onnxruntime", "cpu", 1).gridded and not ll.LayerLatency("torch", "cpu", 1).gridded
+    monkeypatch.setattr(ll, "_OrtTimer", lambda threads: FakeTimer())
+    return ll.LayerLatency("onnxruntime", "cpu", 1, None, None), ll, calls
+
+
+def test_grid_fit_answers_every_width_from_a_few_measured(monkeypatch):
+    """On ONNX Runtime each signature is measured on a 6x6 grid of the widths it can take (one by one) and
+    every width is answered from the fitted cost form: a runtime whose cost is that form is answered
+    exactly between grid points, and no lookup measures anything more."""
+    def true(ci, co):
+        return 0.004 + 2e-5 * ci + 1e-5 * co + 3e-6 * ci * co
+
+    t, ll, calls = _fake_ort_table(monkeypatch, true)
+    conv = t.register(ll.OpShape("conv", (3, 3), (1, 1), (1, 1), (1, 1), False, (8, 8), True))
+    dw = t.register(ll.OpShape("conv", (3, 3), (1, 1), (1, 1), (1, 1), True, (8, 8), False))
+    stem = t.register(ll.OpShape("conv", (3, 3), (1, 1), (1, 1), (1, 1), False, (32, 32), False))
+    widths = list(range(8, 257, 8))
+    t.use_grid({conv: (widths, widths, False), dw: (widths, widths, True), stem: ([3], widths, False)})
+    assert len(calls) == t.measured == 36 + 6 + 6
+    for ci, co in [(8, 8), (40, 200), (136, 72), (256, 256)]:
+        assert t(conv, ci, co) == pytest.approx(true(ci, co), rel=1e-6)
+    assert t(stem, 3, 104) == pytest.approx(true(3, 104), rel=1e-6)
+    assert t(dw, 8, 8) < t(dw, 120, 120) < t(dw, 256, 256)
+    assert len(calls) == 48  # every answer came from the fit
+
+
+def test_one_noisy_entry_does_not_price_a_width(monkeypatch):
+    """The winner's curse: a small layer's single entry is mostly the profiler's floor plus noise, and a
+    planner reading single entries picks the ones that came out low. One grid entry timed 50 % low moves
+    the fitted answer at its width by a few percent, not 50 %."""
+    def true(ci, co):
+        return 0.01 + 1e-6 * ci * co
+
+    def timed(ci, co):
+        return true(ci, co) * (0.5 if (ci, co) == (104, 104) else 1.0)
+
+    t, ll, _ = _fake_ort_table(monkeypatch, timed)
+    conv = t.register(ll.OpShape("conv", (1, 1), (1, 1), (0, 0), (1, 1), False, (1, 1), False))
+    widths = list(range(8, 257, 8))
+    t.use_grid({conv: (widths, widths, False)})
+    assert (104, 104) in [(x, y) for x in t.grids[conv][0] for y in t.grids[conv][1]]
+    assert t.entries[f"{conv}|104|104"] == pytest.approx(0.5 * true(104, 104))
+    assert t(conv, 104, 104) == pytest.approx(true(104, 104), rel=0.1)
+
+
 def test_ort_profile_per_run_leaves_out_reorders():
     from profilers.layer_latency import _kernel_ms_per_run
 
