@@ -82,11 +82,18 @@ class DepthBlock:
     overhead_ms: float = 0.0
     score: float | None = None  # the block's own importance on the units' scale; None: the sum of its units'
     layers_ms: float = 0.0  # its layers' modelled ms at the widths overhead_ms was measured at (0: unknown)
+    floor_overhead_ms: float = 0.0  # the same, measured again with every group at its width floor
+    floor_layers_ms: float = 0.0  # (0: not measured)
 
     def extra_ms(self, layers_now_ms: float) -> float:
-        """The overhead at the layers' current modelled ms. A negative one says the layers were modelled too
-        dear at the measured widths; it shrinks with them, or a block whose layers were narrowed first
-        would look as if removing it saved nothing."""
+        """The overhead at the layers' current modelled ms: between the parent's widths and the width floor,
+        linear in the layers' ms (normalisation, activations and the add shrink with the channels; per-op
+        dispatch does not), since a plan may narrow a block before it removes it. Without a floor
+        measurement a negative overhead (its layers modelled too dear) shrinks with them, or a block
+        narrowed first would look as if removing it saved nothing."""
+        if 0 < self.floor_layers_ms < self.layers_ms:
+            t = min(max((layers_now_ms - self.floor_layers_ms) / (self.layers_ms - self.floor_layers_ms), 0.0), 1.0)
+            return self.floor_overhead_ms + t * (self.overhead_ms - self.floor_overhead_ms)
         if self.overhead_ms >= 0 or self.layers_ms <= 0:
             return self.overhead_ms
         return self.overhead_ms * min(layers_now_ms / self.layers_ms, 1.0)

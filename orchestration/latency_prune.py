@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import tempfile
 import time
@@ -114,8 +115,8 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
         parent_runner, parent_ms = fit.pop("parent_runner"), fit["parent_ms"]
         curve = Curve([(fit["layers_floor_ms"], fit["floor_width_ms"]), (fit["layers_half_ms"], fit["half_width_ms"]),
                        (fit["layers_parent_ms"], parent_ms)])
-        fit.update(_block_overheads(parent, shape, blocks, layers, {g.name: g.n for g in groups}, curve, table,
-                                    parent_runner, target, Path(tmp), reporter))
+        fit.update(_block_overheads(parent, spec, blocks, layers, groups, curve, table, parent_runner, target, Path(tmp),
+                                    reporter))
         if target.speedup is not None:
             goal_ms = parent_ms / target.speedup
         else:
@@ -197,7 +198,8 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
                   "cache": None if table.path is None else str(table.path)},
         "widths": {g.name: [g.n, best["widths"][g.name]] for g in groups if not _inside(g.name, best["removed"], blocks)},
         "removed_blocks": best["removed"],
-        "blocks": {b.name: {"overhead_ms": round(b.overhead_ms, 5), "groups": b.groups} for b in blocks},
+        "blocks": {b.name: {"overhead_ms": round(b.overhead_ms, 5), "floor_overhead_ms": round(b.floor_overhead_ms, 5),
+                            "groups": b.groups} for b in blocks},
         "machine": machine.to_json(),
     }
     slow = sp["ci_high"] < 1.0
@@ -324,54 +326,80 @@ def _score_blocks(parent: nn.Module, blocks: list[DepthBlock], cfg: WidthConfig,
         b.score = scores[b.name]
 
 
-def _block_overheads(parent: nn.Module, shape: tuple[int, int, int], blocks: list[DepthBlock], layers: list[Layer],
-                     full: dict[str, int], curve: Curve, table: LayerLatency, parent_runner, target: LatencyTarget,
-                     tmp: Path, reporter: Reporter) -> dict:
-    """What removing each block saves beyond its layers' modelled cost. Each block is timed whole on the
-    target (identical blocks once, cached with the table), less the runtime's per-call cost; a block timed
-    alone misses how the runtime schedules it inside the network, so the sum is calibrated against one
-    whole-model measurement: the parent against a copy without every candidate block."""
+def _block_overheads(parent: nn.Module, spec, blocks: list[DepthBlock], layers: list[Layer], groups: list[Group],
+                     curve: Curve, table: LayerLatency, parent_runner, target: LatencyTarget, tmp: Path,
+                     reporter: Reporter) -> dict:
+    """What removing each block saves beyond its layers' modelled cost, at the parent's widths and at the
+    width floor (a plan may narrow a block before it removes it). Each block is timed whole on the target
+    (identical blocks once, cached with the table), less the runtime's per-call cost, and the sum at each
+    widths calibrated by one whole-model measurement (below)."""
     if not blocks:
         return {}
-    modules = dict(parent.named_modules())
-    shapes = _block_inputs(parent, shape, [b.name for b in blocks])
+    shape = (spec.channels, spec.height, spec.width)
+    full = {g.name: g.n for g in groups}
+    floor = {g.name: g.ladder[0] for g in groups}
+    narrow, _ = _with_widths(parent, spec, groups, floor)
+    names = [b.name for b in blocks]
+    copies = {"": (dict(parent.named_modules()), _block_inputs(parent, shape, names)),
+              "floor-": (dict(narrow.named_modules()), _block_inputs(narrow, shape, names))}
     by_layer = {layer.name: layer for layer in layers}
     alone: dict[str, float] = {}
-    with reporter.task("timing residual blocks whole", len(blocks)) as advance:
+    with reporter.task("timing residual blocks whole (parent and floor widths)", 2 * len(blocks)) as advance:
         for b in blocks:
-            m, in_shape = modules[b.name], shapes[b.name]
-            key = "block|" + hashlib.sha256(f"{m!r}|{in_shape}".encode()).hexdigest()[:20]
-
-            def timed(m=m, in_shape=in_shape, name=b.name) -> float:
-                if table.node_timed:  # the runtime's own node times, as the table's layers (no reorders at its ends)
-                    path = exported(clone(m), in_shape, tmp, "block-" + name.replace(".", "_"))
-                    return network_node_ms(path, target.backend, target.device, target.batch, target.threads)
-                runner = model_runner(clone(m).cpu().eval(), target.backend, target.device, target.batch, in_shape, tmp,
-                                      "block-" + name.replace(".", "_"), target.threads)
-                try:
-                    whole = float(np.median(time_runner(runner, 3, 10, 0.1)))
-                finally:
-                    runner.close()
-                return max(0.0, whole - table.overhead((target.batch, *in_shape)))
-            alone[b.name] = table.cached(key, timed)
-            advance()
+            for tag, (modules, shapes) in copies.items():
+                m, in_shape = modules[b.name], shapes[b.name]
+                key = "block|" + hashlib.sha256(f"{m!r}|{in_shape}".encode()).hexdigest()[:20]
+                alone[tag + b.name] = table.cached(key, functools.partial(_time_block, m, in_shape, tag + b.name, table,
+                                                                          target, tmp))
+                advance()
     table.save()
-    shallow = clone(parent)
-    remove_blocks(shallow, [b.name for b in blocks])
-    with reporter.task("measuring parent and a copy without the candidate blocks whole", None):
-        runner = model_runner(shallow, target.backend, target.device, target.batch, shape, tmp, "shallow", target.threads)
-        both = paired(parent_runner, runner, rounds=5)
-        runner.close()
-    measured = max(both["parent_ms"] - both["child_ms"], 0.0)
-    timed_sum = sum(alone.values())
-    factor = min(max(measured / timed_sum, 0.1), 2.0) if timed_sum > 0 else 1.0
+    # Timed alone, a block misses how the runtime schedules it inside the network, and at narrow widths its
+    # nodes' profiled times are mostly the profiler's per-node floor: each set of timings is scaled by one
+    # whole-model measurement at its widths, a copy against the same copy without every candidate block.
+    factors, removed_ms = {}, {}
+    with reporter.task("measuring the parent and a floor-width copy whole, with and without the candidate blocks", None):
+        for tag, model in (("", parent), ("floor-", narrow)):
+            shallow = clone(model)
+            remove_blocks(shallow, names)
+            runner = model_runner(shallow, target.backend, target.device, target.batch, shape, tmp, tag + "shallow", target.threads)
+            base = parent_runner if not tag else model_runner(clone(model), target.backend, target.device, target.batch, shape,
+                                                              tmp, tag + "deep", target.threads)
+            both = paired(base, runner, rounds=5)
+            runner.close()
+            if tag:
+                base.close()
+            removed_ms[tag] = max(both["parent_ms"] - both["child_ms"], 0.0)
+            timed = sum(alone[tag + n] for n in names)
+            factors[tag] = min(max(removed_ms[tag] / timed, 0.1), 2.0) if timed > 0 else 1.0
     total = sum(layer.cost(table, full) for layer in layers)
+    total_floor = sum(layer.cost(table, floor) for layer in layers)
     for b in blocks:
         own = curve(total) - curve(total - sum(by_layer[n].cost(table, full) for n in b.layers))
-        b.overhead_ms = max(factor * alone[b.name] - own, -own)  # negative: its layers are modelled too dear
+        b.overhead_ms = max(factors[""] * alone[b.name] - own, -own)  # negative: its layers are modelled too dear
         b.layers_ms = own
-    return {"blocks_alone_ms": round(timed_sum, 5), "blocks_removed_measured_ms": round(measured, 5),
-            "block_factor": round(factor, 4)}
+        own = curve(total_floor) - curve(total_floor - sum(by_layer[n].cost(table, floor) for n in b.layers))
+        b.floor_overhead_ms = max(factors["floor-"] * alone["floor-" + b.name] - own, -own)
+        b.floor_layers_ms = own
+    return {"blocks_alone_ms": round(sum(alone[n] for n in names), 5), "blocks_removed_measured_ms": round(removed_ms[""], 5),
+            "block_factor": round(factors[""], 4), "floor_blocks_alone_ms": round(sum(alone["floor-" + n] for n in names), 5),
+            "floor_blocks_removed_measured_ms": round(removed_ms["floor-"], 5), "floor_block_factor": round(factors["floor-"], 4)}
+
+
+def _time_block(m: nn.Module, in_shape: tuple, name: str, table: LayerLatency, target: LatencyTarget,
+                tmp: Path) -> float:
+    """One block's ms on the target: the runtime's own node times where the table reads those (no layout
+    reorders at its ends), else the wall clock less the per-call cost."""
+    stem = "block-" + name.replace(".", "_")
+    if table.node_timed:
+        return network_node_ms(exported(clone(m), in_shape, tmp, stem), target.backend, target.device, target.batch,
+                               target.threads)
+    runner = model_runner(clone(m).cpu().eval(), target.backend, target.device, target.batch, in_shape, tmp, stem,
+                          target.threads)
+    try:
+        whole = float(np.median(time_runner(runner, 3, 10, 0.1)))
+    finally:
+        runner.close()
+    return max(0.0, whole - table.overhead((target.batch, *in_shape)))
 
 
 @torch.no_grad()

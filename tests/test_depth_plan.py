@@ -243,3 +243,30 @@ def test_a_negative_block_overhead_shrinks_with_its_narrowed_layers():
     removed = [blk for blk in blocks if blk.name in plan.removed]
     assert plan.predicted_ms == pytest.approx(predict(layers, plan.widths, cost, 0.0, removed))
     assert plan.predicted_ms < predict(layers, plan.widths, cost, 0.0)
+
+
+def test_a_block_narrowed_before_removal_saves_its_floor_overhead():
+    """A block measured at the parent's widths and at the width floor: removing it once its layers are
+    narrowed saves the overhead measured at their widths (linear between the two points), not the
+    parent's. (With the parent's overhead alone a ViT 3x plan that cut heads and then removed blocks was
+    promised far more than it ran; MobileNetV2 at 32x32 likewise, where a narrow block's profiled nodes are
+    mostly the profiler's floor.)"""
+    b = DepthBlock("blocks.0", "blocks", [], [], overhead_ms=0.2, layers_ms=1.0, floor_overhead_ms=0.05, floor_layers_ms=0.2)
+    assert b.extra_ms(1.0) == pytest.approx(0.2) and b.extra_ms(0.2) == pytest.approx(0.05)
+    assert b.extra_ms(0.6) == pytest.approx(0.125) and b.extra_ms(0.1) == pytest.approx(0.05)
+    assert b.extra_ms(3.0) == pytest.approx(0.2)  # never beyond what was measured
+
+    def cost(sig, c_in, c_out):
+        return 0.001 * c_in * c_out / 256
+
+    groups, layers, blocks = _resnet_like()
+    full, floor = {g.name: g.n for g in groups}, {g.name: g.ladder[0] for g in groups}
+    for blk in blocks:
+        blk.score = 1e-9  # cheaper to remove than any channel
+        blk.overhead_ms, blk.layers_ms = 0.5, sum(lay.cost(cost, full) for lay in layers if lay.name in blk.layers)
+        blk.floor_overhead_ms = 0.0
+        blk.floor_layers_ms = sum(lay.cost(cost, floor) for lay in layers if lay.name in blk.layers)
+    narrowed = predict(layers, floor, cost, 0.0, blocks[:1])
+    assert narrowed == pytest.approx(predict(layers, floor, cost, 0.0) - blocks[0].floor_layers_ms)
+    assert predict(layers, full, cost, 0.0, blocks[:1]) == pytest.approx(
+        predict(layers, full, cost, 0.0) - blocks[0].layers_ms - 0.5)
