@@ -331,8 +331,8 @@ def _block_overheads(parent: nn.Module, spec, blocks: list[DepthBlock], layers: 
                      reporter: Reporter) -> dict:
     """What removing each block saves beyond its layers' modelled cost, at the parent's widths and at the
     width floor (a plan may narrow a block before it removes it). Each block is timed whole on the target
-    (identical blocks once, cached with the table), less the runtime's per-call cost, and the sum at each
-    widths calibrated by one whole-model measurement (below)."""
+    (identical blocks once, cached with the table), less the runtime's per-call cost, and each set's sum
+    is calibrated by one whole-model measurement at its widths (below)."""
     if not blocks:
         return {}
     shape = (spec.channels, spec.height, spec.width)
@@ -364,10 +364,12 @@ def _block_overheads(parent: nn.Module, spec, blocks: list[DepthBlock], layers: 
             runner = model_runner(shallow, target.backend, target.device, target.batch, shape, tmp, tag + "shallow", target.threads)
             base = parent_runner if not tag else model_runner(clone(model), target.backend, target.device, target.batch, shape,
                                                               tmp, tag + "deep", target.threads)
-            both = paired(base, runner, rounds=5)
-            runner.close()
-            if tag:
-                base.close()
+            try:
+                both = paired(base, runner, rounds=5)
+            finally:
+                runner.close()
+                if base is not parent_runner:  # the parent's runner serves the whole attempt loop after this
+                    base.close()
             removed_ms[tag] = max(both["parent_ms"] - both["child_ms"], 0.0)
             timed = sum(alone[tag + n] for n in names)
             factors[tag] = min(max(removed_ms[tag] / timed, 0.1), 2.0) if timed > 0 else 1.0
