@@ -234,10 +234,9 @@ for name in args.models.split(","):
     r, v, p, q = run_model(name)
     rows, verdicts, points, probes = rows + r, verdicts + v, points + p, probes + [q]
 plot(points, ROOT / "docs" / "peers_frontier.png")
-import modelopt  # noqa: E402  (versions for the record)
-import torch_pruning  # noqa: E402
+from importlib.metadata import version  # noqa: E402  (the installed distributions: torch_pruning.__version__ lags its releases)
 
-body = (f"Peers: Torch-Pruning {torch_pruning.__version__}, NVIDIA ModelOpt {modelopt.__version__}. Parents: trained 8 epochs on "
+body = (f"Peers: Torch-Pruning {version('torch-pruning')}, NVIDIA ModelOpt {version('nvidia-modelopt')}. Parents: trained 8 epochs on "
         "10,000 Fashion-MNIST images (10 % held out); top-1 on 2,000 test-split images never trained on. Per seed, ours is one "
         "`compress compare --target-speedups` (latency-aware Taylor child; uniform child searched to its speed). Each peer's "
         "child is made once per target by its own recipe in `bench/peer_recipes.py`, its own knob bisected until the exported "
