@@ -21,6 +21,7 @@ import json
 import statistics
 import time
 import traceback
+from importlib.metadata import version  # the installed distributions: torch_pruning.__version__ lags its releases
 from pathlib import Path
 
 from common import FMNIST, RUNS, ROOT, compress, load, md_table, require_fashion_mnist, verdict, write_section
@@ -234,8 +235,6 @@ for name in args.models.split(","):
     r, v, p, q = run_model(name)
     rows, verdicts, points, probes = rows + r, verdicts + v, points + p, probes + [q]
 plot(points, ROOT / "docs" / "peers_frontier.png")
-from importlib.metadata import version  # noqa: E402  (the installed distributions: torch_pruning.__version__ lags its releases)
-
 body = (f"Peers: Torch-Pruning {version('torch-pruning')}, NVIDIA ModelOpt {version('nvidia-modelopt')}. Parents: trained 8 epochs on "
         "10,000 Fashion-MNIST images (10 % held out); top-1 on 2,000 test-split images never trained on. Per seed, ours is one "
         "`compress compare --target-speedups` (latency-aware Taylor child; uniform child searched to its speed). Each peer's "

@@ -42,8 +42,7 @@ def demo(
     rep = c.reporter(quiet)
     ds = load_dataset(DataSpec("digits"))
     base_cfg = TrainConfig(epochs=epochs, lr=lr, weight_decay=1e-4, batch_size=64, augment=default_augment("digits"), seed=seed)
-    ft_cfg = TrainConfig(epochs=finetune_epochs, lr=lr, weight_decay=1e-4, batch_size=64, augment=default_augment("digits"), seed=seed,
-                         schedule="cosine")  # a decaying lr ends on a settled model, not on one step of lr 1e-3
+    ft_cfg = replace(base_cfg, epochs=finetune_epochs, schedule="cosine")  # a decaying lr ends on a settled model, not on one step of lr 1e-3
     wcfg = WidthConfig(metric=metric, sparsity=sparsity, seed=seed)
     for cfg in (base_cfg, ft_cfg):  # every argument is checked before the first epoch, not after it
         cfg.validate()
