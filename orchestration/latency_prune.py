@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import tempfile
@@ -361,15 +362,16 @@ def _block_overheads(parent: nn.Module, spec, blocks: list[DepthBlock], layers: 
         for tag, model in (("", parent), ("floor-", narrow)):
             shallow = clone(model)
             remove_blocks(shallow, names)
-            runner = model_runner(shallow, target.backend, target.device, target.batch, shape, tmp, tag + "shallow", target.threads)
-            base = parent_runner if not tag else model_runner(clone(model), target.backend, target.device, target.batch, shape,
-                                                              tmp, tag + "deep", target.threads)
-            try:
+            with contextlib.ExitStack() as opened:  # the parent's runner stays open: the attempt loop uses it
+                runner = model_runner(shallow, target.backend, target.device, target.batch, shape, tmp, tag + "shallow",
+                                      target.threads)
+                opened.callback(runner.close)
+                base = parent_runner
+                if tag:
+                    base = model_runner(clone(model), target.backend, target.device, target.batch, shape, tmp, tag + "deep",
+                                        target.threads)
+                    opened.callback(base.close)
                 both = paired(base, runner, rounds=5)
-            finally:
-                runner.close()
-                if base is not parent_runner:  # the parent's runner serves the whole attempt loop after this
-                    base.close()
             removed_ms[tag] = max(both["parent_ms"] - both["child_ms"], 0.0)
             timed = sum(alone[tag + n] for n in names)
             factors[tag] = min(max(removed_ms[tag] / timed, 0.1), 2.0) if timed > 0 else 1.0
