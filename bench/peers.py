@@ -1,5 +1,5 @@
 """Issue 31: side by side with the tools users would pick instead, at matched measured speed. Real
-Fashion-MNIST, ONNX Runtime on this CPU at batch 32, 3 seeds:
+Fashion-MNIST, ONNX Runtime on this CPU at batch 32 (or `--batch 1`: a section, runs and plot of its own), 3 seeds:
 
 - ours, latency-aware (`compress compare --target-speedups`, Taylor) and uniform matched to its speed;
 - Torch-Pruning's own CIFAR ResNet recipe (group L2 magnitude, global, 400 steps), as its script runs it
@@ -10,7 +10,7 @@ Fashion-MNIST, ONNX Runtime on this CPU at batch 32, 3 seeds:
 Every child is fine-tuned with the same `compress finetune` recipe and measured against the parent in one
 interleaved `compress profile` per seed and target. Needs `pip install -e '.[peers]'`.
 
-    .venv/bin/python bench/peers.py [--models resnet20] [--targets 1.5,2,3] [--seeds 0,1,2]
+    .venv/bin/python bench/peers.py [--models resnet20] [--targets 1.5,2,3] [--seeds 0,1,2] [--batch 32]
 """
 
 from __future__ import annotations
@@ -31,7 +31,11 @@ ap.add_argument("--models", default="resnet20")
 ap.add_argument("--targets", default="1.5,2,3")
 ap.add_argument("--seeds", default="0,1,2")
 ap.add_argument("--batch", type=int, default=32)
+ap.add_argument("--threads", type=int, default=None, help="runtime threads for every measurement (default: 1 at batch 1, "
+                "where ONNX Runtime's two-thread pool switched between latency modes on a 2-core VM; else the runtime's own)")
 args = ap.parse_args()
+THREADS = ["--threads", args.threads or 1] if args.batch == 1 or args.threads else []
+SUFFIX = "" if args.batch == 32 else f"_b{args.batch}"  # batch 32 keeps the names its runs and section were first written under
 started = time.time()
 log: list[str] = []
 require_fashion_mnist()
@@ -58,7 +62,7 @@ def parent_for(model: str) -> Path:
 
 def measure(parent: Path, child: Path, out: Path) -> dict:
     """The child's measured speedup against the parent (exported, ONNX Runtime, batch B, interleaved)."""
-    compress("profile", child, "--baseline", parent, "--backend", "onnxruntime", "--batch-sizes", args.batch, "--rounds", 7,
+    compress("profile", child, "--baseline", parent, "--backend", "onnxruntime", "--batch-sizes", args.batch, *THREADS, "--rounds", 7,
              "--no-energy", "--json", out, "--overwrite", "-q", log=log)
     return next(r for r in load(out)["results"] if r.get("speedup") and r["target"] != "parent")["speedup"]
 
@@ -127,13 +131,13 @@ def match_peer(method: str, parent_dir: Path, target: float, where: Path) -> dic
 
 def run_model(model: str) -> tuple[list[list], list[str], list[dict]]:
     parent = parent_for(model)
-    base = RUNS / "peers" / model
+    base = RUNS / "peers" / (model + SUFFIX)
     cells: dict[tuple[str, float, int], dict] = {}
     for seed in seeds:  # ours: one speed-matched grid per seed
         d = base / f"ours_s{seed}"
         t0 = time.time()
         compress("compare", "--model", parent, "--metrics", "taylor", "--calib-size", 512, "--target-speedups",
-                 ",".join(f"{t:g}" for t in targets), "--latency-batch", args.batch, "--latency-cache", base / "cache",
+                 ",".join(f"{t:g}" for t in targets), "--latency-batch", args.batch, *THREADS, "--latency-cache", base / "cache",
                  "--finetune-epochs", 3, "--optimizer", "sgd", "--lr", 0.01, "--lr-schedule", "cosine", "--seed", seed,
                  "--out", d, "--overwrite", "-q", log=log, done=(d / "table.json").exists())
         if not (d / "wall.json").exists():
@@ -168,7 +172,7 @@ def run_model(model: str) -> tuple[list[list], list[str], list[dict]]:
             out = base / f"profile_x{tag(t)}_s{seed}.json"
             have = {r["target"] for r in load(out)["results"]} if out.exists() else set()
             compress("profile", *[v["dir"] for v in kids.values()], "--baseline", parent, "--backend", "onnxruntime",
-                     "--batch-sizes", args.batch, "--rounds", 10, "--no-energy", "--json", out, "--overwrite", "-q", log=log,
+                     "--batch-sizes", args.batch, *THREADS, "--rounds", 10, "--no-energy", "--json", out, "--overwrite", "-q", log=log,
                      done=all(Path(v["dir"]).name in have for v in kids.values()))
             res = {r["target"]: r for r in load(out)["results"]}
             for v in kids.values():
@@ -222,7 +226,7 @@ def plot(points: list[dict], path: Path) -> None:
     for m in dict.fromkeys(p["method"] for p in points):
         sel = [p for p in points if p["method"] == m]
         ax.scatter([p["speedup"] for p in sel], [p["top1"] for p in sel], label=m, alpha=0.8)
-    ax.set_xlabel("measured speedup (ONNX Runtime, batch 32)")
+    ax.set_xlabel(f"measured speedup (ONNX Runtime, batch {args.batch})")
     ax.set_ylabel("test top-1 after fine-tuning (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -234,7 +238,7 @@ rows, verdicts, points, probes = [], [], [], []
 for name in args.models.split(","):
     r, v, p, q = run_model(name)
     rows, verdicts, points, probes = rows + r, verdicts + v, points + p, probes + [q]
-plot(points, ROOT / "docs" / "peers_frontier.png")
+plot(points, ROOT / "docs" / f"peers_frontier{SUFFIX}.png")
 body = (f"Peers: Torch-Pruning {version('torch-pruning')}, NVIDIA ModelOpt {version('nvidia-modelopt')}. Parents: trained 8 epochs on "
         "10,000 Fashion-MNIST images (10 % held out); top-1 on 2,000 test-split images never trained on. Per seed, ours is one "
         "`compress compare --target-speedups` (latency-aware Taylor child; uniform child searched to its speed). Each peer's "
@@ -246,13 +250,15 @@ body = (f"Peers: Torch-Pruning {version('torch-pruning')}, NVIDIA ModelOpt {vers
         "command per seed (tables, planning, uniform search and the fine-tuning of every target's two children); a peer, "
         "its bisection (pruning, saving, exporting and measuring every probe), once per target. Speedups are "
         f"measured after fine-tuning, all children of one seed and target against the parent in one interleaved profile "
-        f"(ONNX Runtime, batch {args.batch}); mean ± sd over seeds.\n\n"
+        f"(ONNX Runtime, batch {args.batch}" + (f", {THREADS[1]} thread(s)" if THREADS else "") + "); mean ± sd over seeds.\n\n"
         + md_table(["model", "target", "method", "seeds", "top-1 before FT", "top-1 after FT", "measured speedup per seed",
                     "MACs", "params", "selection time", "fine-tune time"], rows)
         + "\n\nVerdicts (2 standard errors, seed spread plus the test set's sampling error): " + " ".join(verdicts)
         + "\n\nThe peers' probes before fine-tuning (MACs reduction asked of Torch-Pruning, FLOPs reduction of FastNAS -> "
         "measured speedup, 7 interleaved rounds; speed is not monotone in either knob here):\n\n" + "\n".join(probes)
-        + "\n\nFrontier (top-1 after fine-tuning vs measured speedup, every seed): `docs/peers_frontier.png`.")
-write_section("peers", "Side by side with Torch-Pruning's and ModelOpt's own recipes at matched measured speed (issue 31)",
+        + "\n\nFrontier (top-1 after fine-tuning vs measured speedup, every seed): `docs/peers_frontier{SUFFIX}.png`.")
+write_section("peers" + SUFFIX, "Side by side with Torch-Pruning's and ModelOpt's own recipes at matched measured speed"
+              + ("" if args.batch == 32 else f", batch {args.batch}") + " (issue 31)",
               body, log, started, script="peers.py" + ("" if args.models == "resnet20" else f" --models {args.models}")
-              + ("" if args.targets == "1.5,2,3" else f" --targets {args.targets}"))
+              + ("" if args.targets == "1.5,2,3" else f" --targets {args.targets}")
+              + ("" if args.batch == 32 else f" --batch {args.batch}") + (f" --threads {args.threads}" if args.threads else ""))
