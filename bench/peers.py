@@ -256,7 +256,7 @@ body = (f"Peers: Torch-Pruning {version('torch-pruning')}, NVIDIA ModelOpt {vers
         + "\n\nVerdicts (2 standard errors, seed spread plus the test set's sampling error): " + " ".join(verdicts)
         + "\n\nThe peers' probes before fine-tuning (MACs reduction asked of Torch-Pruning, FLOPs reduction of FastNAS -> "
         "measured speedup, 7 interleaved rounds; speed is not monotone in either knob here):\n\n" + "\n".join(probes)
-        + "\n\nFrontier (top-1 after fine-tuning vs measured speedup, every seed): `docs/peers_frontier{SUFFIX}.png`.")
+        + f"\n\nFrontier (top-1 after fine-tuning vs measured speedup, every seed): `docs/peers_frontier{SUFFIX}.png`.")
 write_section("peers" + SUFFIX, "Side by side with Torch-Pruning's and ModelOpt's own recipes at matched measured speed"
               + ("" if args.batch == 32 else f", batch {args.batch}") + " (issue 31)",
               body, log, started, script="peers.py" + ("" if args.models == "resnet20" else f" --models {args.models}")
