@@ -24,6 +24,8 @@ import traceback
 from importlib.metadata import version  # the installed distributions: torch_pruning.__version__ lags its releases
 from pathlib import Path
 
+from compressor.finetune import learned_nothing
+
 from common import FMNIST, RUNS, ROOT, compress, load, md_table, require_fashion_mnist, verdict, write_section
 
 ap = argparse.ArgumentParser()
@@ -159,8 +161,17 @@ def run_model(model: str) -> tuple[list[list], list[str], list[dict]]:
                     cells[(method, t, seed)] = {"refused": m["refused"]}
                     continue
                 d = base / f"{method}_x{tag(t)}_s{seed}"
-                compress("finetune", "--model", base / f"{method}_x{tag(t)}" / m["chosen"]["dir"], *FT, "--seed", seed,
-                         "--out", d, "--overwrite", "-q", log=log, done=(d / "model.json").exists())
+                failed = d.parent / (d.name + ".failed")  # the refusal of a fine-tune that learned nothing, kept for resumes
+                done = (d / "model.json").exists() or failed.exists()
+                err = compress("finetune", "--model", base / f"{method}_x{tag(t)}" / m["chosen"]["dir"], *FT, "--seed", seed,
+                               "--out", d, "--overwrite", "-q", log=log, done=done, allow_fail=True)
+                if err:
+                    failed.write_text(err)
+                # runs from before `compress finetune` refused a collapsed network: the same rule on their history
+                why = failed.read_text().strip() if failed.exists() else learned_nothing(load(d / "history.json"), 10)
+                if why:
+                    cells[(method, t, seed)] = {"failed": why}
+                    continue
                 rec = load(d / "model.json")
                 cells[(method, t, seed)] = {"dir": d, "before": m["chosen"]["top1_before_ft"], "after": rec["metrics"]["top1"],
                                             "macs": rec["metrics"].get("macs"), "params": rec["metrics"].get("params"),
@@ -178,7 +189,7 @@ def run_model(model: str) -> tuple[list[list], list[str], list[dict]]:
             for v in kids.values():
                 r = res[Path(v["dir"]).name]
                 v["speedup"], v["macs"], v["params"] = r["speedup"], r.get("macs", v.get("macs")), r.get("params", v.get("params"))
-    return table(model, cells, peers) + (probe_lines(model, peers),)
+    return table(model, cells, peers) + (probe_lines(model, peers),)  # rows, verdicts, points, failures, probes
 
 
 def probe_lines(model: str, peers: dict) -> str:
@@ -200,6 +211,11 @@ def table(model: str, cells: dict, peers: dict) -> tuple[list[list], list[str], 
         groups = {}
         for m in methods:
             got = [cells[(m, t, s)] for s in seeds if "speedup" in cells.get((m, t, s), {})]
+            failed = sum(1 for s in seeds if cells.get((m, t, s), {}).get("failed"))
+            if not got and failed:
+                rows.append([model, f"{t:g}x", name(m), f"0/{len(seeds)}", "-", "-", "every seed's fine-tuning learned nothing",
+                             "-", "-", "-", "-"])
+                continue
             if not got:
                 why = next((cells[(m, t, s)].get("refused") for s in seeds if cells.get((m, t, s), {}).get("refused")), "no child")
                 rows.append([model, f"{t:g}x", name(m), f"0/{len(seeds)}", "-", "-", f"not reached: {why}", "-", "-", "-", "-"])
@@ -208,12 +224,14 @@ def table(model: str, cells: dict, peers: dict) -> tuple[list[list], list[str], 
             points += [{"method": name(m), "speedup": c["speedup"]["median"], "top1": c["after"]} for c in got]
             sel = (f"{peers[(m, t)]['selection_s']:.0f} s, {len(peers[(m, t)]['probes'])} probes" if m in PEERS else
                    f"{statistics.mean(c['wall'] for c in got):.0f} s per seed, all of ours")
-            rows.append([model, f"{t:g}x", name(m), f"{len(got)}/{len(seeds)}", ms([c["before"] for c in got]), ms(groups[name(m)]),
+            rows.append([model, f"{t:g}x", name(m), f"{len(got)}/{len(seeds)}" + (f" ({failed} learned nothing)" if failed else ""), ms([c["before"] for c in got]), ms(groups[name(m)]),
                          ", ".join(f"{c['speedup']['median']:.2f}x [{c['speedup']['ci_low']:.2f}, {c['speedup']['ci_high']:.2f}]" for c in got),
                          f"{statistics.mean(c['macs'] for c in got) / 1e6:.1f}M", f"{statistics.mean(c['params'] for c in got) / 1e3:.0f}k",
                          sel, f"{statistics.mean(c['finetune_s'] for c in got):.0f} s"])
         verdicts.append(verdict(f"{model} {t:g}x", groups, len(seeds), test_images=2000))
-    return rows, verdicts, points
+    failures = [f"- {model} {t:g}x {name(m)}, seed {s}: {c['failed'].removeprefix('error: ')}"
+                for (m, t, s), c in sorted(cells.items(), key=lambda kv: (kv[0][1], str(kv[0]))) if c.get("failed")]
+    return rows, verdicts, points, failures
 
 
 def plot(points: list[dict], path: Path) -> None:
@@ -234,10 +252,10 @@ def plot(points: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-rows, verdicts, points, probes = [], [], [], []
+rows, verdicts, points, failures, probes = [], [], [], [], []
 for name in args.models.split(","):
-    r, v, p, q = run_model(name)
-    rows, verdicts, points, probes = rows + r, verdicts + v, points + p, probes + [q]
+    r, v, p, f, q = run_model(name)
+    rows, verdicts, points, failures, probes = rows + r, verdicts + v, points + p, failures + f, probes + [q]
 plot(points, ROOT / "docs" / f"peers_frontier{SUFFIX}.png")
 body = (f"Peers: Torch-Pruning {version('torch-pruning')}, NVIDIA ModelOpt {version('nvidia-modelopt')}. Parents: trained 8 epochs on "
         "10,000 Fashion-MNIST images (10 % held out); top-1 on 2,000 test-split images never trained on. Per seed, ours is one "
@@ -250,9 +268,12 @@ body = (f"Peers: Torch-Pruning {version('torch-pruning')}, NVIDIA ModelOpt {vers
         "command per seed (tables, planning, uniform search and the fine-tuning of every target's two children); a peer, "
         "its bisection (pruning, saving, exporting and measuring every probe), once per target. Speedups are "
         f"measured after fine-tuning, all children of one seed and target against the parent in one interleaved profile "
-        f"(ONNX Runtime, batch {args.batch}" + (f", {THREADS[1]} thread(s)" if THREADS else "") + "); mean ± sd over seeds.\n\n"
+        f"(ONNX Runtime, batch {args.batch}" + (f", {THREADS[1]} thread(s)" if THREADS else "") + "); mean ± sd over the seeds whose fine-tuning trained.\n\n"
         + md_table(["model", "target", "method", "seeds", "top-1 before FT", "top-1 after FT", "measured speedup per seed",
                     "MACs", "params", "selection time", "fine-tune time"], rows)
+        + ("\n\nSeeds left out of a row's means because `compress finetune` refused the run (the training loss never left "
+           "a uniform guess's; the pruned child is the same for every seed, only the fine-tuning's seed differs):\n\n"
+           + "\n".join(failures) if failures else "")
         + "\n\nVerdicts (2 standard errors, seed spread plus the test set's sampling error): " + " ".join(verdicts)
         + "\n\nThe peers' probes before fine-tuning (MACs reduction asked of Torch-Pruning, FLOPs reduction of FastNAS -> "
         "measured speedup, 7 interleaved rounds; speed is not monotone in either knob here):\n\n" + "\n".join(probes)

@@ -100,6 +100,7 @@ class TrainResult:
     wall_s: float = 0.0
     resumed_from: int = 0
     ranks_identical: bool | None = None  # data parallel: all processes ended with the same weights
+    learned_nothing: str | None = None  # why the run looks collapsed (compressor.workflows.finetune), else None
 
 
 def default_augment(dataset: str) -> tuple[str, ...]:
@@ -260,6 +261,20 @@ def train(model: nn.Module, train_set: ImageSet, test_set: ImageSet | None, spec
             raise UserError("the processes' weights differ after training (a data-parallel bug); nothing written")
     model.eval()
     return result
+
+
+def learned_nothing(history: list[dict], num_classes: int) -> str | None:
+    """Why the last epoch shows a network that learned nothing, or None. The signature of a collapsed network:
+    its training loss still at ln(C), a uniform guess, and its held-out top-1 at chance."""
+    if not history or num_classes < 2 or "top1" not in history[-1]:
+        return None
+    last, uniform, chance = history[-1], math.log(num_classes), 100.0 / num_classes
+    # 2 % of ln(C) and 2 points: a network that learned anything at all is far below both.
+    if last["train_loss"] >= 0.98 * uniform and last["top1"] <= chance + 2.0:
+        return (f"after epoch {last['epoch']} the training loss is {last['train_loss']:.3f} (a uniform guess over "
+                f"{num_classes} classes scores ln {num_classes} = {uniform:.3f}) and held-out top-1 {last['top1']:.1f} % "
+                f"(chance {chance:.1f} %)")
+    return None
 
 
 def _same_everywhere(model: nn.Module, world, device) -> bool:

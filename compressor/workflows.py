@@ -20,7 +20,7 @@ from .flops import count
 from .data import DataSpec, Dataset, InputSpec, load_dataset
 from .errors import UserError
 from .evaluate import evaluate
-from .finetune import TrainConfig, TrainResult, train
+from .finetune import TrainConfig, TrainResult, learned_nothing, train
 from .layers import choose_blocks, removable, score_blocks
 from .modeldir import LoadedModel, ModelRecord, load_model_dir, remove_blocks, run_info
 from .models import ArchSpec, build, clone, default_input, pretrained_normalisation, resolve, user_code
@@ -361,8 +361,11 @@ def layer_prune(lm: LoadedModel, ds: Dataset | None, metric: str, num_blocks: in
 
 def finetune(lm: LoadedModel, ds: Dataset, cfg: TrainConfig, run_dir: Path | None, resume: bool, device,
              distill: bool = False, reporter: Reporter = QUIET, settings: dict | None = None,
-             stage: str | None = None, teacher: nn.Module | None = None) -> tuple[nn.Module, ModelRecord, TrainResult]:
-    """`distill`: from `teacher` where given (optimize: the unpruned parent), else from the input model."""
+             stage: str | None = None, teacher: nn.Module | None = None,
+             refuse_collapse: bool = True) -> tuple[nn.Module, ModelRecord, TrainResult]:
+    """`distill`: from `teacher` where given (optimize: the unpruned parent), else from the input model.
+    A run that learned nothing (training loss still a uniform guess's, top-1 at chance) is refused, or with
+    refuse_collapse=False (a comparison grid, where a dead cell is a result) recorded in result.learned_nothing."""
     if not lm.record.classifier:
         raise UserError("fine-tuning trains on class labels and this model is not a classifier (it returns "
                         f"{', '.join(lm.record.outputs['names'] if lm.record.outputs else [])}); fine-tune it in your own "
@@ -372,6 +375,11 @@ def finetune(lm: LoadedModel, ds: Dataset, cfg: TrainConfig, run_dir: Path | Non
     teacher = (clone(teacher) if teacher is not None else clone(lm.model)) if distill else None
     result = train(model, ds.train, ds.test, spec, cfg, device=device, run_dir=run_dir, resume=resume,
                    teacher=teacher, reporter=reporter, label="fine-tune" if lm.path else "train")
+    why = None if ds.spec.name == "fake" else learned_nothing(result.history, lm.record.num_classes)  # fake labels are noise
+    result.learned_nothing = why
+    if why and refuse_collapse:
+        raise UserError(f"{'fine-tuning' if lm.path else 'training'} learned nothing: {why}; nothing written. "
+                        "Check the input model's own top-1 (`compress info`), or lower --lr")
     rec = lm.record.child()
     if rec.dataset is None:
         rec.dataset = ds.spec

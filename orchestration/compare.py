@@ -165,7 +165,7 @@ def run(lm: LoadedModel, ds: Dataset, cfg: CompareConfig, out: Path, *, resume: 
             pruned.path = parent.path  # lineage: the fine-tune's parent is the compare parent
             cdir.mkdir(parents=True, exist_ok=True)
             model, frec, result = finetune(pruned, ds, copy.deepcopy(cfg.train), cdir, True, device, reporter=reporter,
-                                           settings={"compare": str(out), "cell": name})
+                                           settings={"compare": str(out), "cell": name}, refuse_collapse=False)
             write_model_files(cdir, model, frec)
             child_lm = load_model_dir(cdir)
             speed = _speedup(parent, child_lm, cfg)
@@ -176,7 +176,8 @@ def run(lm: LoadedModel, ds: Dataset, cfg: CompareConfig, out: Path, *, resume: 
                     "top1_before_ft": a.get("top1"), "top5_before_ft": a.get("top5"),
                     "top1_after_ft": frec.metrics.get("top1"), "top5_after_ft": frec.metrics.get("top5"),
                     "finetune_s": round(result.wall_s, 2), "finetune_epochs": len(result.history),
-                    "images_per_s": result.history[-1]["images_per_s"] if result.history else None, "speedup": speed}
+                    "images_per_s": result.history[-1]["images_per_s"] if result.history else None, "speedup": speed,
+                    "learned_nothing": result.learned_nothing}
             atomic.write_json(cdir / "cell.json", cell)
             cells[name] = cell
             if shard is None:  # shards never write compare.json: they would overwrite each other's cells
@@ -201,7 +202,8 @@ def _row(c: dict) -> list[str]:
     speed = "-" if not sp else f"{sp['median']:.2f}x [{sp['ci_low']:.2f}, {sp['ci_high']:.2f}]" + ("" if sp["significant"] else " n.s.")
     f = lambda v: "-" if v is None else f"{v:.2f}"
     return [c["metric"], f"{100 * c['sparsity']:.0f}%", f"{c['params']:,}", f"{c['macs']:,}", f"{100 * c['flops_reduction']:.1f}%",
-            f(c["top1_before_ft"]), f(c["top5_before_ft"]), f(c["top1_after_ft"]), f(c["top5_after_ft"]), f"{c['finetune_s']:.1f}", speed]
+            f(c["top1_before_ft"]), f(c["top5_before_ft"]), f(c["top1_after_ft"]) + (" (learned nothing)" if c.get("learned_nothing") else ""),
+            f(c["top5_after_ft"]), f"{c['finetune_s']:.1f}", speed]
 
 
 def markdown(doc: dict) -> str:

@@ -194,7 +194,10 @@ class Optimizer:
             run_dir = d / "finetuned"
             model, rec, result = finetune(pruned, self.ds, cfg.train, run_dir, (run_dir / "checkpoints").is_dir(),
                                           self.device, cfg.distill, self.rep, {"optimize": str(self.out)},
-                                          teacher=self.parent.model)
+                                          teacher=self.parent.model, refuse_collapse=False)
+            if result.learned_nothing:  # an accuracy failure of this attempt, reported like any other
+                row.update({"passed": False, "failed": "accuracy", "why": f"fine-tuning learned nothing: {result.learned_nothing}"})
+                return row
             write_model_files(run_dir, model, rec)
             info = {"seconds": round(time.perf_counter() - t0, 2), "top1": rec.metrics.get("top1"), "epochs": len(result.history),
                     "resumed_from_epoch": result.resumed_from}

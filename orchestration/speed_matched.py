@@ -139,7 +139,7 @@ def _finish(parent, ds, cfg, latency, out, name, child, rec, summary: PruneResul
     pruned = LoadedModel(child, rec, None)
     pruned.path = parent.path
     model, frec, result = finetune(pruned, ds, copy.deepcopy(cfg.train), cdir, True, device, reporter=reporter,
-                                   settings={"compare": str(out), "cell": name})
+                                   settings={"compare": str(out), "cell": name}, refuse_collapse=False)
     write_model_files(cdir, model, frec)
     spec = parent.record.input
     shape = (spec.channels, spec.height, spec.width)
@@ -161,7 +161,7 @@ def _finish(parent, ds, cfg, latency, out, name, child, rec, summary: PruneResul
             "parent_params": b["params"], "parent_macs": b["macs"], "flops_reduction": 1 - a["macs"] / b["macs"],
             "parent_top1": b.get("top1"), "top1_before_ft": a.get("top1"), "top1_after_ft": frec.metrics.get("top1"),
             "top5_after_ft": frec.metrics.get("top5"), "finetune_s": round(result.wall_s, 2),
-            "finetune_epochs": len(result.history),
+            "finetune_epochs": len(result.history), "learned_nothing": result.learned_nothing,
             "speedup": {"backend": latency.backend, "batch": latency.batch, **{k: check["speedup"][k] for k in
                                                                               ("median", "ci_low", "ci_high", "significant")},
                         "machine": machine.to_json()}}
@@ -193,6 +193,6 @@ def markdown(doc: dict) -> str:
         sp = c["speedup"]
         lines.append(f"| {c['metric']} | {c['target_speedup']:g}x | {c['method']} | {_f(c.get('sparsity'), '{:.1%}')} | "
                      f"{c['macs']:,} | {c['flops_reduction']:.1%} | {_f(c.get('matched_speedup'), '{:.2f}x')} | "
-                     f"{_f(c.get('top1_before_ft'), '{:.2f}')} | {_f(c.get('top1_after_ft'), '{:.2f}')} | "
+                     f"{_f(c.get('top1_before_ft'), '{:.2f}')} | {_f(c.get('top1_after_ft'), '{:.2f}')}{' (learned nothing)' if c.get('learned_nothing') else ''} | "
                      f"{sp['median']:.2f}x [{sp['ci_low']:.2f}, {sp['ci_high']:.2f}] |")
     return "\n".join(lines) + "\n"

@@ -29,6 +29,37 @@ def test_short_finetune_improves_a_pruned_model(cli, cnn_parent, tmp_path):
     assert lineage[-1]["parent"] == str(tmp_path / "p") and lineage[-1]["settings"]["optimizer"] == "adam"
 
 
+def test_a_collapsed_network_is_refused_not_written(cli, cnn_parent, tmp_path):
+    """A network whose outputs ignore the input (its stem zeroed, so every ReLU after it is dead and passes no
+    gradient): training loss at least ln 10 and top-1 at chance after the run, a failed fine-tune, not a result."""
+    from compressor.data import DataSpec, load_dataset
+    from compressor.finetune import TrainConfig, learned_nothing
+    from compressor.modeldir import save_model_dir
+    from compressor.workflows import finetune
+
+    lm = load_model_dir(cnn_parent)
+    conv = next(m for m in lm.model.modules() if isinstance(m, torch.nn.Conv2d))
+    bn = next(m for m in lm.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.no_grad():
+        for t in (conv.weight, bn.weight, bn.bias):
+            t.zero_()
+    save_model_dir(tmp_path / "dead", lm.model, lm.record)
+    _, _, err = cli("finetune", tmp_path / "dead", "--epochs", "2", "--lr", "2e-3", "--out", tmp_path / "ft", "-q",
+                    expect=2)
+    assert "learned nothing" in err and "ln 10 = 2.303" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "ft").exists()
+    # A comparison grid keeps such a run as a result and says what it is.
+    dead = load_model_dir(tmp_path / "dead")
+    ds = load_dataset(DataSpec("digits", None, 200, 100))
+    _, _, result = finetune(dead, ds, TrainConfig(epochs=1, lr=2e-3, batch_size=64), None, False, "cpu",
+                            refuse_collapse=False)
+    assert result.learned_nothing and "chance 10.0 %" in result.learned_nothing
+    # The rule itself: a network that learned a little is not flagged, and neither is one without a held-out split.
+    row = {"epoch": 3, "train_loss": 2.30, "top1": 10.5}
+    assert learned_nothing([row], 10) and not learned_nothing([{**row, "train_loss": 2.1}], 10)
+    assert not learned_nothing([{**row, "top1": 14.0}], 10) and not learned_nothing([{"epoch": 1, "train_loss": 2.3}], 10)
+
+
 def _bn_scale_l1(d) -> float:
     return sum(m.weight.abs().sum().item() for m in load_model_dir(d).model.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
