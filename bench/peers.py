@@ -221,7 +221,7 @@ def table(model: str, cells: dict, peers: dict) -> tuple[list[list], list[str], 
                 rows.append([model, f"{t:g}x", name(m), f"0/{len(seeds)}", "-", "-", f"not reached: {why}", "-", "-", "-", "-"])
                 continue
             groups[name(m)] = [c["after"] for c in got]
-            points += [{"method": name(m), "speedup": c["speedup"]["median"], "top1": c["after"]} for c in got]
+            points += [{"model": model, "method": name(m), "speedup": c["speedup"]["median"], "top1": c["after"]} for c in got]
             sel = (f"{peers[(m, t)]['selection_s']:.0f} s, {len(peers[(m, t)]['probes'])} probes" if m in PEERS else
                    f"{statistics.mean(c['wall'] for c in got):.0f} s per seed, all of ours")
             rows.append([model, f"{t:g}x", name(m), f"{len(got)}/{len(seeds)}" + (f" ({failed} learned nothing)" if failed else ""), ms([c["before"] for c in got]), ms(groups[name(m)]),
@@ -240,14 +240,19 @@ def plot(points: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in dict.fromkeys(p["method"] for p in points):
-        sel = [p for p in points if p["method"] == m]
-        ax.scatter([p["speedup"] for p in sel], [p["top1"] for p in sel], label=m, alpha=0.8)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(p["method"] for p in points))}
+    models = list(dict.fromkeys(p["model"] for p in points))
+    for model, marker in zip(models, "o^sDv"):  # one marker per network, one color per method
+        for m, color in colors.items():
+            sel = [p for p in points if p["method"] == m and p["model"] == model]
+            if sel:
+                ax.scatter([p["speedup"] for p in sel], [p["top1"] for p in sel], c=color, marker=marker, alpha=0.8,
+                           label=f"{m}, {model}" if len(models) > 1 else m)
     ax.set_xlabel(f"measured speedup (ONNX Runtime, batch {args.batch})")
     ax.set_ylabel("test top-1 after fine-tuning (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=6 if len(models) > 1 else 8, ncol=2 if len(models) > 1 else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

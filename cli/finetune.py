@@ -130,6 +130,8 @@ def finetune(
     _print_history(result.history)
     if before is not None:
         out.print(before_after("fine-tuning", before, rec.metrics))
+    if result.learned_nothing:  # from scratch only: a fine-tune that learned nothing was refused
+        out.print(f"warning: training has learned nothing yet: {result.learned_nothing}; train for more epochs")
     last = result.history[-1] if result.history else {}
     out.print(f"{len(result.history)} epochs, {result.wall_s:.1f} s this run"
               + (f" (resumed after epoch {result.resumed_from})" if result.resumed_from else "")

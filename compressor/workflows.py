@@ -364,8 +364,9 @@ def finetune(lm: LoadedModel, ds: Dataset, cfg: TrainConfig, run_dir: Path | Non
              stage: str | None = None, teacher: nn.Module | None = None,
              refuse_collapse: bool = True) -> tuple[nn.Module, ModelRecord, TrainResult]:
     """`distill`: from `teacher` where given (optimize: the unpruned parent), else from the input model.
-    A run that learned nothing (training loss still a uniform guess's, top-1 at chance) is refused, or with
-    refuse_collapse=False (a comparison grid, where a dead cell is a result) recorded in result.learned_nothing."""
+    A fine-tune that learned nothing (training loss still a uniform guess's, top-1 at chance) is refused, or with
+    refuse_collapse=False (a comparison grid, where a dead cell is a result) recorded in result.learned_nothing,
+    as it is for a network trained from scratch."""
     if not lm.record.classifier:
         raise UserError("fine-tuning trains on class labels and this model is not a classifier (it returns "
                         f"{', '.join(lm.record.outputs['names'] if lm.record.outputs else [])}); fine-tune it in your own "
@@ -377,9 +378,10 @@ def finetune(lm: LoadedModel, ds: Dataset, cfg: TrainConfig, run_dir: Path | Non
                    teacher=teacher, reporter=reporter, label="fine-tune" if lm.path else "train")
     why = None if ds.spec.name == "fake" else learned_nothing(result.history, lm.record.num_classes)  # fake labels are noise
     result.learned_nothing = why
-    if why and refuse_collapse:
-        raise UserError(f"{'fine-tuning' if lm.path else 'training'} learned nothing: {why}; nothing written. "
-                        "Check the input model's own top-1 (`compress info`), or lower --lr")
+    # A fresh network at chance after a short run is undertrained (the caller says so); a trained one there has collapsed.
+    if why and refuse_collapse and lm.path is not None:
+        raise UserError(f"fine-tuning learned nothing: {why}; nothing written. Check the input model's own top-1 "
+                        "(`compress info`); more `epochs` or another `lr` may train it")
     rec = lm.record.child()
     if rec.dataset is None:
         rec.dataset = ds.spec

@@ -177,11 +177,12 @@ def test_held_out_images_stay_out_of_every_descendant(cli, tmp_path):
 
     parent = tmp_path / "parent"
     cli("finetune", "--model", "resnet20", "--model-arg", "width=4", "--input-size", "16", "--data", "digits", "--holdout", "0.1",
-        "--epochs", "1", "--out", parent, "-q")
+        "--epochs", "4", "--lr", "5e-3", "--out", parent, "-q")
     rec = load_model_dir(parent).record
     assert rec.dataset.holdout == 0.1 and rec.lineage[-1]["settings"]["data"]["holdout"] == 0.1
-    cli("prune", "--model", parent, "--data", "digits", "--sparsity", "0.5", "--calib-size", "32", "--out", tmp_path / "p", "-q")
-    cli("finetune", tmp_path / "p", "--data", "digits", "--epochs", "1", "--out", tmp_path / "ft", "-q")
+    # A parent that learned something and a cut it survives: a fine-tune left at chance is refused (test_finetune).
+    cli("prune", "--model", parent, "--data", "digits", "--sparsity", "0.25", "--calib-size", "32", "--out", tmp_path / "p", "-q")
+    cli("finetune", tmp_path / "p", "--data", "digits", "--epochs", "1", "--lr", "5e-3", "--out", tmp_path / "ft", "-q")
     assert load_model_dir(tmp_path / "ft").record.lineage[-1]["settings"]["data"]["holdout"] == 0.1
     full, split = load_dataset(DataSpec("digits")), load_dataset(DataSpec("digits", holdout=0.1))
     assert len(split.train) + len(split.held) == len(full.train) and abs(len(split.held) - 0.1 * len(full.train)) <= 10  # per class
