@@ -12,7 +12,7 @@ from compressor.finetune import TrainConfig
 from compressor.modeldir import load_model_dir
 from compressor.progress import QUIET
 from orchestration import speed_matched
-from orchestration.compare import CompareConfig
+from orchestration.compare import CompareConfig, markdown
 from orchestration.latency_prune import LatencyTarget
 
 
@@ -33,6 +33,11 @@ def test_compare_grid_tables_plots_and_resume(cli, cnn_parent, tmp_path):
     assert "| metric | sparsity | params | MACs | FLOPs red. | top-1 before FT" in md and "| taylor | 50% |" in md
     cells = json.loads((out / "table.json").read_text())
     assert load_model_dir(out / cells[0]["dir"]).record.metrics["top1"] == cells[0]["top1_after_ft"]
+    # Every cell says whether its fine-tune learned anything; a dead one stays in the grid, marked.
+    assert [c["learned_nothing"] for c in cells] == [None, None]
+    dead = json.loads((out / "compare.json").read_text())
+    dead["cells"][0]["learned_nothing"] = "after epoch 1 the training loss is 2.310"
+    assert markdown(dead).count("(learned nothing)") == 1
 
     # A stopped run resumes without redoing finished cells.
     doc = json.loads((out / "compare.json").read_text())
