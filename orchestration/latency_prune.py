@@ -128,7 +128,7 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
                             f"{target.backend} {target.device}; `target_latency_ms` {goal_ms:g} asks for nothing")
         # Closed loop (NetAdapt's empirical step): plan, prune a copy, measure it whole; when the
         # measurement misses the goal, correct the budget by measured/predicted and plan again.
-        budget, tries = goal_ms, []
+        budget, tries, stop = goal_ms, [], ""
         best: dict | None = None
         for attempt in range(target.iterations):
             with reporter.task(f"latency-aware widths, attempt {attempt + 1} (ms predicted)", None) as advance:
@@ -161,8 +161,9 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
                 best = row
             if 0.95 <= 1 / ratio <= 1.05 or attempt + 1 == target.iterations:
                 break
-            if plan.predicted_ms > budget and ratio > 1:
-                break  # already the fastest plan the table allows, and it is not fast enough
+            if plan.predicted_ms > budget and ratio > 1:  # already the fastest plan the table allows, not fast enough
+                stop = f"; the fastest plan the table allows predicted {plan.predicted_ms:.4g} ms for a {budget:.4g} ms budget"
+                break
             budget = _next_budget(tries, goal_ms)
         parent_runner.close()
     table_s = time.perf_counter() - t0
@@ -172,9 +173,12 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
     if not reached(best["effective_ms"], goal_ms, bool(target.speedup)):
         what = (f"{target.speedup:g}x" if target.speedup else f"{target.latency_ms:g} ms")
         got = best["check"]["speedup"]
+        measured = ", ".join(f"{t['check']['speedup']['median']:.2f}x" for t in tries)
         raise TargetNotReached(f"target {what} not reached on {target.backend} {target.device} at batch {target.batch}: the "
                         f"closest child measured {got['median']:.2f}x [{got['ci_low']:.2f}, {got['ci_high']:.2f}] "
-                        f"({best['check']['child_ms']:.4g} ms); ask for less, or lower `min_width_fraction`; nothing written")
+                        f"({best['check']['child_ms']:.4g} ms; attempts measured "
+                        f"{measured}{stop}); ask for less, or lower "
+                        "`min_width_fraction`; nothing written")
     model = best["model"]
     after = measure(model, spec, ds, device, lm.record.classifier)
     sp = best["check"]["speedup"]
