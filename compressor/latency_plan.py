@@ -125,6 +125,7 @@ class Plan:
     parent_ms: float
     steps: list[dict]
     removed: list[str] = field(default_factory=list)  # blocks, in the order the plan removed them
+    exhausted: bool = False  # best effort: no move was left that saves time, and the budget is still out of reach
 
     @property
     def predicted_speedup(self) -> float:
@@ -211,6 +212,7 @@ def plan_widths(groups: list[Group], layers: list[Layer], cost: Cost, budget_ms:
     total = sum(layer.cost(cost, widths) for layer in layers)  # the layers' summed cost; the curve maps it to ms
     parent_ms = current = curve(total)
     steps: list[dict] = []
+    exhausted = False
 
     def saving(d: float) -> float:
         return curve(total) - curve(total - d)
@@ -256,6 +258,7 @@ def plan_widths(groups: list[Group], layers: list[Layer], cost: Cost, budget_ms:
                     break
         if best is None:
             if best_effort:
+                exhausted = True
                 break  # the fastest plan the table knows; the caller measures whether it is enough
             raise UserError(f"the latency target {budget_ms:.4g} ms cannot be reached: no further width or depth reduction is "
                             f"predicted to save time below {current:.4g} ms (parent {parent_ms:.4g} ms); ask for less speedup")
@@ -274,7 +277,8 @@ def plan_widths(groups: list[Group], layers: list[Layer], cost: Cost, budget_ms:
         current = curve(total) - sum(extras)
         if on_step is not None:
             on_step(current)
-    return Plan(widths, predict(layers, widths, cost, offset_ms, removed, curve), parent_ms, steps, [b.name for b in removed])
+    return Plan(widths, predict(layers, widths, cost, offset_ms, removed, curve), parent_ms, steps, [b.name for b in removed],
+                exhausted)
 
 
 def removal_indices(group: Group, keep: int) -> list[int]:

@@ -161,7 +161,9 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
                 best = row
             if 0.95 <= 1 / ratio <= 1.05 or attempt + 1 == target.iterations:
                 break
-            if plan.predicted_ms > budget and ratio > 1:  # already the fastest plan the table allows, not fast enough
+            # Only a planner out of moves ends the loop early: its summed estimate and the plan's own prediction
+            # can differ by a hair, so "predicted above the budget" alone is not "nothing faster exists".
+            if plan.exhausted and ratio > 1:
                 stop = f"; the fastest plan the table allows predicted {plan.predicted_ms:.4g} ms for a {budget:.4g} ms budget"
                 break
             budget = _next_budget(tries, goal_ms)

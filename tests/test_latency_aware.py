@@ -287,7 +287,9 @@ def test_ladder_floor_and_best_effort_plan():
     for g in groups:
         g.ladder = ladder(32, min_fraction=0.5)
     plan = plan_widths(groups, layers, cost, 0.0, best_effort=True)  # out of reach: the fastest allowed plan
-    assert all(w == 16 for w in plan.widths.values())
+    assert all(w == 16 for w in plan.widths.values()) and plan.exhausted
+    reachable = plan_widths(groups, layers, cost, 0.9 * plan.parent_ms, best_effort=True)
+    assert not reachable.exhausted and reachable.predicted_ms <= 0.9 * plan.parent_ms
 
 
 def test_vit_heads_and_ffn_cut_by_width_equal_masking_them():
