@@ -131,7 +131,7 @@ def match_peer(method: str, parent_dir: Path, target: float, where: Path) -> dic
     return rec
 
 
-def run_model(model: str) -> tuple[list[list], list[str], list[dict]]:
+def run_model(model: str) -> tuple[list[list], list[str], list[dict], list[str], str]:
     parent = parent_for(model)
     base = RUNS / "peers" / (model + SUFFIX)
     cells: dict[tuple[str, float, int], dict] = {}
@@ -202,7 +202,7 @@ def probe_lines(model: str, peers: dict) -> str:
     return "\n".join(out)
 
 
-def table(model: str, cells: dict, peers: dict) -> tuple[list[list], list[str], list[dict]]:
+def table(model: str, cells: dict, peers: dict) -> tuple[list[list], list[str], list[dict], list[str]]:
     methods = ["ours, latency-aware", "ours, uniform", *PEERS]
     name = lambda m: LABEL.get(m, m)  # noqa: E731
     rows, verdicts, points = [], [], []
@@ -276,8 +276,9 @@ body = (f"Peers: Torch-Pruning {version('torch-pruning')}, NVIDIA ModelOpt {vers
         f"(ONNX Runtime, batch {args.batch}" + (f", {THREADS[1]} thread(s)" if THREADS else "") + "); mean ± sd over the seeds whose fine-tuning trained.\n\n"
         + md_table(["model", "target", "method", "seeds", "top-1 before FT", "top-1 after FT", "measured speedup per seed",
                     "MACs", "params", "selection time", "fine-tune time"], rows)
-        + ("\n\nSeeds left out of a row's means because `compress finetune` refused the run (the training loss never left "
-           "a uniform guess's; the pruned child is the same for every seed, only the fine-tuning's seed differs):\n\n"
+        + ("\n\nSeeds left out of a row's means because their fine-tuning learned nothing (by the rule `compress finetune` "
+           "refuses such a run with: last training loss within 2 % of ln C, held-out top-1 within 2 points of chance; "
+           "the pruned child is the same for every seed, only the fine-tuning's seed differs):\n\n"
            + "\n".join(failures) if failures else "")
         + "\n\nVerdicts (2 standard errors, seed spread plus the test set's sampling error): " + " ".join(verdicts)
         + "\n\nThe peers' probes before fine-tuning (MACs reduction asked of Torch-Pruning, FLOPs reduction of FastNAS -> "
