@@ -123,7 +123,8 @@ def optimize(
     _summary(doc, out_dir)
     if not doc["passed"]:
         f = doc["failed"]
-        detail = (f"accuracy drop {f['accuracy_drop']:.2f} points > {cfg.max_accuracy_drop:g}" if f["bound"] == "accuracy" else
+        detail = (f"accuracy drop {f['accuracy_drop']:.2f} points > {cfg.max_accuracy_drop:g}"
+                  if f["bound"] == "accuracy" and f.get("accuracy_drop") is not None else
                   f"speed short by {f['speed_shortfall']}" if f["bound"] == "speed" and f.get("speed_shortfall") is not None else
                   (f.get("why") or f["bound"] or "no attempt finished"))
         raise GateFailed(f"optimize: the {f['bound']} bound does not hold on the deployed artifact ({detail}); "

@@ -80,6 +80,22 @@ def test_a_bound_that_cannot_be_met_is_exit_1_with_a_report_and_no_bundle(cli, s
     assert not (out / "bundle.tar.gz").exists() and "FAILED" in (out / "report.md").read_text()
 
 
+def test_a_fine_tune_that_learned_nothing_fails_the_attempt_on_accuracy(cli, small_parent, tmp_path_factory, monkeypatch):
+    """The rule itself is tested in test_finetune; here optimize's answer to it: that attempt fails the accuracy
+    bound (exit 1, the reason in the report), nothing is exported from it and no bundle is written."""
+    from compressor import workflows
+
+    tmp = tmp_path_factory.getbasetemp()
+    out = tmp / "opt-dead"
+    monkeypatch.setattr(workflows, "learned_nothing", lambda history, num_classes: "the training loss is 2.303")
+    _, _, err = _optimize(cli, small_parent, out, tmp / "cache", "--target-speedup", "1.2", "--max-accuracy-drop", "100",
+                          "--speed-attempts", "1", expect=1)
+    assert "accuracy bound does not hold" in err
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["failed"]["bound"] == "accuracy" and "fine-tuning learned nothing" in doc["failed"]["why"]
+    assert set(doc["attempts"][0]["stages"]) == {"prune"} and doc["bundle"] is None
+
+
 @pytest.mark.parametrize("args,words", [
     (["--target-speedup", "fast"], "number or max"),
     (["--target-speedup", "2", "--target-latency-ms", "3"], "one of"),
