@@ -122,13 +122,17 @@ def optimize(
     optimize_report.write(doc, out_dir)
     _summary(doc, out_dir)
     if not doc["passed"]:
-        f = doc["failed"]
-        detail = (f"accuracy drop {f['accuracy_drop']:.2f} points > {cfg.max_accuracy_drop:g}"
-                  if f["bound"] == "accuracy" and f.get("accuracy_drop") is not None else
-                  f"speed short by {f['speed_shortfall']}" if f["bound"] == "speed" and f.get("speed_shortfall") is not None else
-                  (f.get("why") or f["bound"] or "no attempt finished"))
-        raise GateFailed(f"optimize: the {f['bound']} bound does not hold on the deployed artifact ({detail}); "
-                         f"report in {out_dir / 'report.md'}, no bundle written")
+        raise _gate_failed(doc["failed"], cfg.max_accuracy_drop, out_dir)
+
+
+def _gate_failed(f: dict, max_drop: float, out_dir: Path) -> GateFailed:
+    """The exit line of a run that shipped nothing: the bound that failed and by how much, or why."""
+    detail = (f"accuracy drop {f['accuracy_drop']:.2f} points > {max_drop:g}"
+              if f["bound"] == "accuracy" and f.get("accuracy_drop") is not None else
+              f"speed short by {f['speed_shortfall']}" if f["bound"] == "speed" and f.get("speed_shortfall") is not None else
+              (f.get("why") or f["bound"] or "no attempt finished"))
+    return GateFailed(f"optimize: the {f['bound']} bound does not hold on the deployed artifact ({detail}); "
+                      f"report in {out_dir / 'report.md'}, no bundle written")
 
 
 def _check_out(out_dir: Path, resume: bool, overwrite: bool, cfg: OptimizeConfig) -> bool:
