@@ -84,10 +84,15 @@ def test_a_fine_tune_that_learned_nothing_fails_the_attempt_on_accuracy(cli, sma
     """The rule itself is tested in test_finetune; here optimize's answer to it: that attempt fails the accuracy
     bound (exit 1, the reason in the report), nothing is exported from it and no bundle is written."""
     from compressor import workflows
+    from compressor.pruning import WidthConfig
+    from orchestration import optimize
 
     tmp = tmp_path_factory.getbasetemp()
     out = tmp / "opt-dead"
     monkeypatch.setattr(workflows, "learned_nothing", lambda history, num_classes: "the training loss is 2.303")
+    # the latency-aware prune is test_optimize_passes_...'s; a uniform cut is enough to reach the fine-tune
+    monkeypatch.setattr(optimize, "latency_prune", lambda parent, ds, wcfg, target, calib, device, rep, settings:
+                        workflows.width_prune(parent, ds, WidthConfig(sparsity=0.25), calib, device, rep, settings))
     _, _, err = _optimize(cli, small_parent, out, tmp / "cache", "--target-speedup", "1.2", "--max-accuracy-drop", "100",
                           "--speed-attempts", "1", expect=1)
     assert "accuracy bound does not hold" in err
