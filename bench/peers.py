@@ -161,7 +161,7 @@ def run_model(model: str) -> tuple[list[list], list[str], list[dict], list[str],
                     cells[(method, t, seed)] = {"refused": m["refused"]}
                     continue
                 d = base / f"{method}_x{tag(t)}_s{seed}"
-                failed = d.parent / (d.name + ".failed")  # the refusal of a fine-tune that learned nothing, kept for resumes
+                failed = d.with_name(d.name + ".failed")  # the refusal of a fine-tune that learned nothing, kept for resumes
                 done = (d / "model.json").exists() or failed.exists()
                 err = compress("finetune", "--model", base / f"{method}_x{tag(t)}" / m["chosen"]["dir"], *FT, "--seed", seed,
                                "--out", d, "--overwrite", "-q", log=log, done=done, allow_fail=True)

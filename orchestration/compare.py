@@ -197,12 +197,18 @@ HEADER = ["metric", "sparsity", "params", "MACs", "FLOPs red.", "top-1 before FT
           "top-5 after FT", "FT time (s)", "speedup"]
 
 
+def top1_after(c: dict) -> str:
+    """A cell's top-1 after fine-tuning, marked when that fine-tune learned nothing (both grids' tables)."""
+    v = c.get("top1_after_ft")
+    return ("-" if v is None else f"{v:.2f}") + (" (learned nothing)" if c.get("learned_nothing") else "")
+
+
 def _row(c: dict) -> list[str]:
     sp = c.get("speedup")
     speed = "-" if not sp else f"{sp['median']:.2f}x [{sp['ci_low']:.2f}, {sp['ci_high']:.2f}]" + ("" if sp["significant"] else " n.s.")
     f = lambda v: "-" if v is None else f"{v:.2f}"
     return [c["metric"], f"{100 * c['sparsity']:.0f}%", f"{c['params']:,}", f"{c['macs']:,}", f"{100 * c['flops_reduction']:.1f}%",
-            f(c["top1_before_ft"]), f(c["top5_before_ft"]), f(c["top1_after_ft"]) + (" (learned nothing)" if c.get("learned_nothing") else ""),
+            f(c["top1_before_ft"]), f(c["top5_before_ft"]), top1_after(c),
             f(c["top5_after_ft"]), f"{c['finetune_s']:.1f}", speed]
 
 

@@ -161,8 +161,7 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
                 best = row
             if 0.95 <= 1 / ratio <= 1.05 or attempt + 1 == target.iterations:
                 break
-            # Only a planner out of moves ends the loop early: its summed estimate and the plan's own prediction
-            # can differ by a hair, so "predicted above the budget" alone is not "nothing faster exists".
+            # Only a planner out of moves ends the loop early; any other miss corrects the budget and plans again.
             if plan.exhausted and ratio > 1:
                 stop = f"; the fastest plan the table allows predicted {plan.predicted_ms:.4g} ms for a {budget:.4g} ms budget"
                 break
@@ -178,9 +177,8 @@ def latency_prune(lm: LoadedModel, ds: Dataset | None, cfg: WidthConfig, target:
         measured = ", ".join(f"{t['check']['speedup']['median']:.2f}x" for t in tries)
         raise TargetNotReached(f"target {what} not reached on {target.backend} {target.device} at batch {target.batch}: the "
                         f"closest child measured {got['median']:.2f}x [{got['ci_low']:.2f}, {got['ci_high']:.2f}] "
-                        f"({best['check']['child_ms']:.4g} ms; attempts measured "
-                        f"{measured}{stop}); ask for less, or lower "
-                        "`min_width_fraction`; nothing written")
+                        f"({best['check']['child_ms']:.4g} ms; attempts measured {measured}{stop}); ask for less, "
+                        "or lower `min_width_fraction`; nothing written")
     model = best["model"]
     after = measure(model, spec, ds, device, lm.record.classifier)
     sp = best["check"]["speedup"]

@@ -26,7 +26,7 @@ from compressor.workflows import PruneResult, finetune, width_prune
 from profilers import quiet
 from profilers.paired import model_runner, paired
 
-from .compare import CompareConfig, existing_grid, finished_cells, skeleton
+from .compare import CompareConfig, existing_grid, finished_cells, skeleton, top1_after
 from .latency_prune import LatencyTarget, latency_prune
 
 MATCH = 0.05  # the uniform child's measured speedup within 5 % of the latency-aware child's
@@ -193,6 +193,6 @@ def markdown(doc: dict) -> str:
         sp = c["speedup"]
         lines.append(f"| {c['metric']} | {c['target_speedup']:g}x | {c['method']} | {_f(c.get('sparsity'), '{:.1%}')} | "
                      f"{c['macs']:,} | {c['flops_reduction']:.1%} | {_f(c.get('matched_speedup'), '{:.2f}x')} | "
-                     f"{_f(c.get('top1_before_ft'), '{:.2f}')} | {_f(c.get('top1_after_ft'), '{:.2f}')}{' (learned nothing)' if c.get('learned_nothing') else ''} | "
+                     f"{_f(c.get('top1_before_ft'), '{:.2f}')} | {top1_after(c)} | "
                      f"{sp['median']:.2f}x [{sp['ci_low']:.2f}, {sp['ci_high']:.2f}] |")
     return "\n".join(lines) + "\n"
