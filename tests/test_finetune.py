@@ -18,7 +18,7 @@ from compressor.modeldir import load_model_dir
 def test_short_finetune_improves_a_pruned_model(cli, cnn_parent, tmp_path):
     cli("prune", "--model", cnn_parent, "--metric", "l2", "--sparsity", "0.5", "--out", tmp_path / "p", "-q")
     before = load_model_dir(tmp_path / "p").record.metrics["top1"]
-    _, out, _ = cli("finetune", tmp_path / "p", "--epochs", "4", "--lr", "2e-3", "--out", tmp_path / "ft", "-q")
+    _, out, _ = cli("finetune", tmp_path / "p", "--epochs", "3", "--lr", "2e-3", "--out", tmp_path / "ft", "-q")
     after = load_model_dir(tmp_path / "ft").record.metrics["top1"]
     assert after > before + 10, (before, after)
     assert "images/s" in out and "waiting for data" in out
@@ -87,8 +87,8 @@ def test_dataloader_path_trains_too(cli, cnn_parent, tmp_path):
 
 
 ARGS = ["finetune", "--model", "resnet20", "--model-arg", "width=8", "--input-size", "16", "--data", "digits",
-        "--epochs", "4", "--lr", "2e-3", "--batch-size", "32", "--device", "cpu", "--quiet", "--seed", "3",
-        "--train-size", "640"]  # a second an epoch: killed 50 ms into epoch 2 of 4, the run cannot have finished
+        "--epochs", "3", "--lr", "2e-3", "--batch-size", "32", "--device", "cpu", "--quiet", "--seed", "3",
+        "--train-size", "640"]  # a second an epoch: killed 50 ms into epoch 2 of 3, the run cannot have finished
 
 
 def _compress(args, **kw):
@@ -118,7 +118,7 @@ def _interrupted_run(cli, tmp_path: Path, sig: int) -> Path:
         assert p.poll() is None, p.communicate()
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
-    time.sleep(0.05)  # inside epoch 2, with 2 more epochs to run
+    time.sleep(0.05)  # inside epoch 2, with 1 more epoch to run
     status = Path(f"/proc/{p.pid}/status")
     if sig == signal.SIGINT and status.exists():  # an inherited SIG_IGN would make the test meaningless
         ignored = int(next(ln for ln in status.read_text().splitlines() if ln.startswith("SigIgn:")).split()[1], 16)

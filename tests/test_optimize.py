@@ -28,7 +28,7 @@ def small_parent(tmp_path_factory):
 
 def _optimize(cli, parent, out, cache, *extra, expect):
     return cli("optimize", "--model", parent, "--batch", "32", "--epochs", "1", "--metric", "l2", "--round-to", "8",
-               "--latency-rounds", "5", "--latency-iterations", "3", "--profile-rounds", "9", "--latency-cache", cache,
+               "--latency-rounds", "5", "--latency-iterations", "3", "--profile-rounds", "5", "--latency-cache", cache,
                "--compute-device", "cpu", "--allow-busy", "--out", out, "-q", *extra, expect=expect)  # busy refusals: test_quiet
 
 
