@@ -3,7 +3,10 @@ accuracy than widths alone, and than uniform --sparsity? Real Fashion-MNIST, Res
 CPU at batch 1, Taylor importance, 3 seeds, through `compress compare --target-speedups` with `--depth` and
 with `--no-depth` (each grid also makes a uniform child matched to its latency-aware child's speed).
 
-    .venv/bin/python bench/depth_accuracy.py [--targets 2] [--model resnet56]
+    .venv/bin/python bench/depth_accuracy.py [--targets 1.5,2,3] [--model resnet56]
+
+Another target set gets its own runs and section (ResNet-56 at all three targets is about 3.5 hours here);
+a compare grid that finished (its table.json) is reused when the script is run again.
 """
 
 import argparse
@@ -13,7 +16,7 @@ import time
 from common import FMNIST, RUNS, compress, load, md_table, require_fashion_mnist, write_section
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--targets", default="2")
+ap.add_argument("--targets", default="1.5,2,3")
 ap.add_argument("--model", default="resnet20", choices=["resnet20", "resnet56"], help="resnet56: a section of its own")
 args = ap.parse_args()
 started = time.time()
@@ -23,16 +26,18 @@ parent = RUNS / "optimize" / args.model / "parent"  # the same parent as bench/o
 compress("finetune", "--model", args.model, "--data", "fashion-mnist", "--data-dir", FMNIST, "--train-size", 10000,
          "--test-size", 2000, "--holdout", 0.1, "--epochs", 8, "--optimizer", "sgd", "--lr", 0.05, "--lr-schedule", "cosine",
          "--out", parent, "--overwrite", "-q", log=log, done=(parent / "model.json").exists())
-base = RUNS / "depth_accuracy" / ("" if args.model == "resnet20" else args.model)
 targets = [float(t) for t in args.targets.split(",")]
+subset = "" if targets == [1.5, 2, 3] else "x" + "_".join(f"{t:g}".replace(".", "p") for t in targets)
+own_dir = RUNS / "depth_accuracy" / ("" if args.model == "resnet20" else args.model)
+base, cache = own_dir / subset, own_dir / "cache"  # latency tables are keyed by what they measured: shared
 runs: dict[tuple[str, int], dict] = {}
 for seed in (0, 1, 2):
     for depth in ("--depth", "--no-depth"):
         d = base / f"{depth.strip('-')}_s{seed}"
         compress("compare", "--model", parent, "--metrics", "taylor", "--calib-size", 512, "--target-speedups",
-                 ",".join(f"{t:g}" for t in targets), "--latency-batch", 1, "--threads", 1, "--latency-cache", base / "cache", depth,
+                 ",".join(f"{t:g}" for t in targets), "--latency-batch", 1, "--threads", 1, "--latency-cache", cache, depth,
                  "--finetune-epochs", 3, "--optimizer", "sgd", "--lr", 0.01, "--lr-schedule", "cosine", "--seed", seed,
-                 "--out", d, "--overwrite", "-q", log=log)
+                 "--out", d, "--overwrite", "-q", log=log, done=(d / "table.json").exists())
         runs[(depth, seed)] = {c["name"]: c for c in load(d / "table.json")}
 
 
@@ -77,8 +82,7 @@ body = (f"Parent: {pretty} trained 8 epochs on 10,000 Fashion-MNIST images (10 %
         + md_table(["target", "planner", "seeds reached", "top-1 before fine-tuning", "top-1 after", "measured speedups"], rows)
         + "\n\nVerdicts (paired by seed): " + "; ".join(verdicts) + ".")
 own = args.model != "resnet20"
-write_section("depth_accuracy" + (f"_{args.model}" if own else ""),
+write_section("depth_accuracy" + (f"_{args.model}" if own else "") + (f"_{subset}" if subset else ""),
               "Depth + width vs widths only vs uniform at matched measured speed, batch 1" + (f", {pretty}" if own else "")
-              + " (issue 30)", body, log, started,
-              script="depth_accuracy.py" + ("" if args.targets == "2" else f" --targets {args.targets}")
-              + (f" --model {args.model}" if own else ""))
+              + (f" at {', '.join(f'{t:g}x' for t in targets)}" if subset else "") + " (issue 30)", body, log, started,
+              script="depth_accuracy.py" + (f" --targets {args.targets}" if subset else "") + (f" --model {args.model}" if own else ""))
