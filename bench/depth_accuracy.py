@@ -54,7 +54,7 @@ def verdict(label: str, a: list[float], b: list[float]) -> str:
     """Paired per seed; a difference is claimed only beyond two standard errors of the per-seed differences."""
     diffs = [x - y for x, y in zip(a, b)]
     if len(diffs) < 2:
-        return f"{label}: fewer than two seeds on both sides; no comparison"
+        return f"{label}: fewer than two seeds where both reached the target; no comparison"
     m, se = statistics.mean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
     return (f"{label}: {m:+.2f} points, " + ("beyond 2 standard errors" if abs(m) > 2 * se else
                                            f"within 2 standard errors ({2 * se:.2f}): no difference claimed"))
@@ -69,11 +69,10 @@ for t in targets:
         ok = [c for c in cells if c is not None]
         rows.append([f"{t:g}x", name, f"{len(ok)}/3", ms([c["top1_before_ft"] for c in ok]), ms([c["top1_after_ft"] for c in ok]),
                      ", ".join(f"{c['speedup']['median']:.2f}x" for c in ok)])
-    both = [(a, b, u) for a, b, u in zip(*got.values()) if a is not None and b is not None and u is not None]
-    verdicts.append(verdict(f"{t:g}x, depth + width minus widths only", [a["top1_after_ft"] for a, _, _ in both],
-                            [b["top1_after_ft"] for _, b, _ in both]))
-    verdicts.append(verdict(f"{t:g}x, depth + width minus uniform", [a["top1_after_ft"] for a, _, _ in both],
-                            [u["top1_after_ft"] for _, _, u in both]))
+    ours = got["depth + width"]
+    for other in ("widths only", "uniform (matched to depth + width)"):  # each pair on the seeds where both reached it
+        both = [(a["top1_after_ft"], b["top1_after_ft"]) for a, b in zip(ours, got[other]) if a is not None and b is not None]
+        verdicts.append(verdict(f"{t:g}x, depth + width minus {other.split(' (')[0]}", [a for a, _ in both], [b for _, b in both]))
 pretty = {"resnet20": "ResNet-20", "resnet56": "ResNet-56"}[args.model]
 body = (f"Parent: {pretty} trained 8 epochs on 10,000 Fashion-MNIST images (10 % held out); top-1 on 2,000 test-split images "
         "it never trained on. Per seed, `compress compare --target-speedups` at batch 1 on ONNX Runtime (one thread), once with `--depth` and "
