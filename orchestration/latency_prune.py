@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -236,15 +237,23 @@ def _refuse_if_busy(machine: quiet.MachineCheck, target: LatencyTarget) -> None:
 
 
 def _next_budget(tries: list[dict], goal_ms: float) -> float:
-    """Where to plan next: between the closest attempts on either side of the goal when there are such
-    (linear in measured ms), else the last budget corrected by how far its measurement missed."""
+    """Where to plan next. With attempts on both sides of the goal: inside the bracket of budgets between the
+    loosest budget that came out too fast and the tightest that came out too slow (linear in measured ms),
+    so the bracket shrinks and no budget is planned twice (the planner is deterministic: the same budget
+    is the same child). Without, the last budget corrected by how far its measurement missed."""
     slow = [t for t in tries if t["effective_ms"] > goal_ms]
     fast = [t for t in tries if t["effective_ms"] <= goal_ms]
     if slow and fast:
-        a = min(slow, key=lambda t: t["effective_ms"])
-        b = max(fast, key=lambda t: t["effective_ms"])
+        a = min(slow, key=lambda t: t["budget_ms"])
+        b = max(fast, key=lambda t: t["budget_ms"])
+        if b["budget_ms"] >= a["budget_ms"]:  # measured out of budget order (noise): the closest on either side
+            a = min(slow, key=lambda t: t["effective_ms"])
+            b = max(fast, key=lambda t: t["effective_ms"])
         ma, mb = a["effective_ms"], b["effective_ms"]
-        return b["budget_ms"] + (goal_ms - mb) * (a["budget_ms"] - b["budget_ms"]) / (ma - mb)
+        nxt = b["budget_ms"] + (goal_ms - mb) * (a["budget_ms"] - b["budget_ms"]) / (ma - mb)
+        if any(math.isclose(nxt, t["budget_ms"], rel_tol=1e-6) for t in tries):
+            nxt = (a["budget_ms"] + b["budget_ms"]) / 2
+        return nxt
     last = tries[-1]
     return last["budget_ms"] * goal_ms / last["effective_ms"]
 

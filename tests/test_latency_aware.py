@@ -382,6 +382,29 @@ def test_the_attempt_kept_is_the_one_within_the_band_not_the_overshoot():
     assert not better_attempt(r(1.5), r(2.6))
 
 
+def test_the_next_budget_stays_inside_the_bracket_and_is_never_planned_twice():
+    """Attempts measured in a ResNet-20 batch-1 run for 2x (goal 0.3626 ms): a slow first child, then one too
+    fast, then a looser budget that also came out too fast. The next budget lies between the loosest fast
+    budget and the slow one; picking the pair closest in measured ms had planned 0.307 ms again, and the
+    same budget is the same child (two attempts were spent measuring it twice)."""
+    from orchestration.latency_prune import _next_budget
+
+    goal = 0.3626
+    t = lambda budget, ms: {"budget_ms": budget, "effective_ms": ms}  # noqa: E731
+    tries = [t(0.3626, 0.4646), t(0.2830, 0.3185)]
+    third = _next_budget(tries, goal)
+    assert 0.2830 < third < 0.3626 and third == pytest.approx(0.2830 + (goal - 0.3185) / (0.4646 - 0.3185) * (0.3626 - 0.2830))
+    tries.append(t(third, 0.3160))  # looser, and measured a hair faster: noise
+    fourth = _next_budget(tries, goal)
+    assert third < fourth < 0.3626
+    # measurements out of budget order fall back to the closest on either side, and a repeat is bisected
+    crossed = [t(0.30, 0.40), t(0.32, 0.33)]  # the tighter budget measured slow, the looser fast
+    nxt = _next_budget(crossed, goal)
+    assert nxt == pytest.approx(0.32 + (goal - 0.33) * (0.30 - 0.32) / (0.40 - 0.33))
+    assert _next_budget([t(0.30, 0.40), t(0.32, goal)], goal) == pytest.approx(0.31)  # would repeat 0.32
+    assert _next_budget([t(0.4, 0.5)], goal) == pytest.approx(0.4 * goal / 0.5)
+
+
 def test_a_target_is_reached_within_ten_percent_of_what_was_asked():
     """A speedup target is judged on the speedup (1.81x is 9.5 % short of 2x: reached; it was refused when
     the limit was 1.1x the goal's milliseconds), a latency target on its milliseconds."""
