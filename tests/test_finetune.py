@@ -18,7 +18,7 @@ from compressor.modeldir import load_model_dir
 def test_short_finetune_improves_a_pruned_model(cli, cnn_parent, tmp_path):
     cli("prune", "--model", cnn_parent, "--metric", "l2", "--sparsity", "0.5", "--out", tmp_path / "p", "-q")
     before = load_model_dir(tmp_path / "p").record.metrics["top1"]
-    _, out, _ = cli("finetune", tmp_path / "p", "--epochs", "3", "--lr", "2e-3", "--out", tmp_path / "ft", "-q")
+    _, out, _ = cli("finetune", tmp_path / "p", "--epochs", "4", "--lr", "2e-3", "--out", tmp_path / "ft", "-q")
     after = load_model_dir(tmp_path / "ft").record.metrics["top1"]
     assert after > before + 10, (before, after)
     assert "images/s" in out and "waiting for data" in out
